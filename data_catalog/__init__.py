@@ -2,3 +2,49 @@
 
 Every SQL statement of the project lives in this package.
 """
+
+from data_catalog.catalog import (
+    Catalog,
+    CatalogError,
+    CatalogLockedError,
+    CatalogVersionError,
+    ShardIntegrityError,
+)
+from data_catalog.failures import FAILURE_PATTERNS, REASONS, classify_error
+from data_catalog.records import (
+    CapfiltScoreStats,
+    CatalogSummary,
+    CheckpointRecord,
+    EvalRecord,
+    FailedSample,
+    MetricRecord,
+    ShardRecord,
+    ShardStatusRecord,
+    SourceRecord,
+    SourceSummary,
+    StageRunRecord,
+    StageSummary,
+)
+
+__all__ = [
+    "FAILURE_PATTERNS",
+    "REASONS",
+    "CapfiltScoreStats",
+    "Catalog",
+    "CatalogError",
+    "CatalogLockedError",
+    "CatalogSummary",
+    "CatalogVersionError",
+    "CheckpointRecord",
+    "EvalRecord",
+    "FailedSample",
+    "MetricRecord",
+    "ShardIntegrityError",
+    "ShardRecord",
+    "ShardStatusRecord",
+    "SourceRecord",
+    "SourceSummary",
+    "StageRunRecord",
+    "StageSummary",
+    "classify_error",
+]

@@ -1,0 +1,873 @@
+"""The DuckDB catalog: sources, shards, stage runs, per-shard stage status, checkpoints, metrics, evals.
+
+One process writes the catalog at a time (DuckDB locks the file); `Catalog.open` waits for the lock up
+to `timeout_s`. Per-sample data stays in Parquet (img2dataset's per-shard files, CapFilt sidecars) and is
+read on demand with `read_parquet`, so the catalog file stays small at 129M samples.
+
+The schema is versioned: `migrations/NNNN_name.sql` files, applied in order, in one transaction, when
+an older catalog is opened; `schema_version` records which ones a file has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import re
+import tarfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import duckdb
+
+from data_catalog.failures import failure_reason_macro_sql
+from data_catalog.layout import Layout
+from data_catalog.records import (
+    FINAL_RUN_STATUSES,
+    SHARD_STATUSES,
+    CapfiltScoreStats,
+    CatalogSummary,
+    CheckpointRecord,
+    EvalRecord,
+    FailedSample,
+    MetricRecord,
+    ShardRecord,
+    ShardStatusRecord,
+    SourceRecord,
+    SourceSummary,
+    StageRunRecord,
+    StageSummary,
+)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+# The catalog must never reach the network: no extension downloads. Timestamps are read back in UTC.
+_DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "TimeZone": "UTC"}
+_LOCK_ERROR = "Could not set lock on file"
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
+_MIGRATION_NAME = re.compile(r"^(?P<version>\d{4})_[a-z0-9_]+\.sql$")
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_IMG2DATASET_COLUMNS = ("key", "status", "error_message")
+
+
+class CatalogError(Exception):
+    """Base of every error the catalog raises on purpose."""
+
+
+class CatalogVersionError(CatalogError):
+    """The catalog file's schema version does not match this code."""
+
+
+class CatalogLockedError(CatalogError):
+    """Another process held the catalog file for longer than the open timeout."""
+
+
+class ShardIntegrityError(CatalogError):
+    """A shard's tar, Parquet and stats files disagree, or one of them is missing or unreadable."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Migrations
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The numbered migrations in `directory`, checked to run 1, 2, ... without gaps."""
+    migrations = []
+    for path in sorted(Path(directory).glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if match is None:
+            raise CatalogError(f"migration file {path} is not named NNNN_lowercase_name.sql")
+        migrations.append(Migration(int(match["version"]), path.name, path.read_text(encoding="utf-8")))
+    for expected, migration in enumerate(migrations, start=1):
+        if migration.version != expected:
+            raise CatalogError(
+                f"migration {migration.name} in {directory} has version {migration.version}, "
+                f"expected {expected}: versions must run 1, 2, ... without gaps or repeats"
+            )
+    return migrations
+
+
+def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    (exists,) = con.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_schema = 'main' AND table_name = 'schema_version'"
+    ).fetchone()
+    if not exists:
+        return 0
+    return con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+
+
+def _migrate(
+    con: duckdb.DuckDBPyConnection, path: Path, migrations: list[Migration], read_only: bool
+) -> None:
+    current = _schema_version(con)
+    latest = migrations[-1].version if migrations else 0
+    if current > latest:
+        raise CatalogVersionError(
+            f"catalog {path} has schema version {current}, but this code knows versions up to {latest}: "
+            "it was written by a newer release of the pipeline; upgrade the code to open it"
+        )
+    missing = [m for m in migrations if m.version > current]
+    if not missing:
+        return
+    if read_only:
+        raise CatalogVersionError(
+            f"catalog {path} has schema version {current}, but this code needs version {latest}; "
+            "open it once without read_only to apply the migrations"
+        )
+    # All or nothing: a failed migration leaves the file exactly at its old version.
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version "
+            "(version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"
+        )
+        for migration in missing:
+            _apply(con, path, migration)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def _apply(con: duckdb.DuckDBPyConnection, path: Path, migration: Migration) -> None:
+    try:
+        con.execute(migration.sql)
+    except duckdb.Error as err:
+        raise CatalogError(f"migration {migration.name} failed on catalog {path}: {err}") from err
+    con.execute("INSERT INTO schema_version VALUES (?, ?, now())", [migration.version, migration.name])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Opening under DuckDB's file lock
+
+
+def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    """Connect, retrying while another process holds the file lock, for at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=_DUCKDB_CONFIG)
+        except duckdb.IOException as err:
+            if _LOCK_ERROR not in str(err):
+                raise CatalogError(f"cannot open catalog {path}: {err}") from err
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CatalogLockedError(_locked_message(path, str(err), timeout_s)) from err
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.5)
+
+
+def _locked_message(path: Path, duckdb_message: str, timeout_s: float) -> str:
+    holder = _LOCK_HOLDER.search(duckdb_message)
+    who = f"process {holder['pid']} ({holder['program']})" if holder else "another process"
+    return (
+        f"catalog {path} is locked by {who} and stayed locked for {timeout_s:g} s. Only one process "
+        "may open the catalog at a time: wait for that process to finish, stop it, or open the "
+        "catalog with a longer timeout_s."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading an img2dataset shard
+
+
+@dataclass(frozen=True)
+class _TarScan:
+    keys: frozenset[str]
+    sha256: str
+    bytes: int
+
+
+class _HashingReader:
+    """A file wrapper that hashes every byte read, so a tar is checksummed in the same pass that lists it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.digest = hashlib.sha256()
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.digest.update(data)
+        self.bytes_read += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _sample_key(member_name: str) -> str:
+    # WebDataset's rule: a sample's key is the member path up to the first dot of its file name.
+    folder, _, name = member_name.rpartition("/")
+    stem = name.split(".", 1)[0]
+    return f"{folder}/{stem}" if folder else stem
+
+
+def _scan_tar(tar_path: Path) -> _TarScan:
+    with open(tar_path, "rb") as raw:
+        reader = _HashingReader(raw)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                keys = frozenset(_sample_key(member.name) for member in tar if member.isfile())
+        except tarfile.TarError as err:
+            raise ShardIntegrityError(f"shard tar {tar_path} is not a readable tar file: {err}") from err
+        reader.drain()  # the zero padding after the end-of-archive marker is part of the checksum too
+    return _TarScan(keys, reader.digest.hexdigest(), reader.bytes_read)
+
+
+@dataclass(frozen=True)
+class _ParquetScan:
+    rows: int
+    success_keys: frozenset[str]
+    failures: dict[str, int]
+
+
+def _read_stats(stats_path: Path) -> dict[str, Any]:
+    try:
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ShardIntegrityError(f"shard stats {stats_path} is unreadable: {err}") from err
+    missing = [k for k in ("count", "successes") if not isinstance(stats.get(k), int)]
+    if missing:
+        raise ShardIntegrityError(f"shard stats {stats_path} lacks integer field(s) {', '.join(missing)}")
+    return stats
+
+
+def _verify_shard(tar_path: Path, scan: _TarScan, parquet: _ParquetScan, stats: dict[str, Any]) -> None:
+    if scan.keys != parquet.success_keys:
+        only_tar = sorted(scan.keys - parquet.success_keys)[:5]
+        only_parquet = sorted(parquet.success_keys - scan.keys)[:5]
+        raise ShardIntegrityError(
+            f"shard {tar_path} holds {len(scan.keys)} samples but its Parquet lists "
+            f"{len(parquet.success_keys)} successes (in the tar only: {only_tar}; "
+            f"in the Parquet only: {only_parquet}); re-download the shard"
+        )
+    if stats["successes"] != len(parquet.success_keys) or stats["count"] != parquet.rows:
+        raise ShardIntegrityError(
+            f"shard {tar_path}: its _stats.json reports {stats['count']} samples and "
+            f"{stats['successes']} successes, its Parquet {parquet.rows} and {len(parquet.success_keys)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Row -> record conversion
+
+
+def _json_dict(text: str | None) -> dict[str, Any] | None:
+    return None if text is None else json.loads(text)
+
+
+def _source_record(row: tuple) -> SourceRecord:
+    name, kind, manifest_dir, n_urls, dropped, updated_at = row
+    return SourceRecord(name, kind, manifest_dir, n_urls, json.loads(dropped), updated_at)
+
+
+def _shard_record(row: tuple) -> ShardRecord:
+    source, shard, tar_path, ok, failed, failures, size, sha256, download_s, registered_at = row
+    return ShardRecord(
+        source,
+        shard,
+        Path(tar_path),
+        ok,
+        failed,
+        json.loads(failures),
+        size,
+        sha256,
+        download_s,
+        registered_at,
+    )
+
+
+def _run_record(row: tuple) -> StageRunRecord:
+    run_id, stage, config_hash, params, flow_run_id, status, started, finished, summary = row
+    return StageRunRecord(
+        run_id,
+        stage,
+        config_hash,
+        json.loads(params),
+        flow_run_id,
+        status,
+        started,
+        finished,
+        _json_dict(summary),
+    )
+
+
+_SHARD_SELECT = """
+    SELECT s.source, s.shard, s.tar_path, s.samples_ok, s.samples_failed, coalesce(f.failures, '{}'),
+           s.bytes, s.sha256, s.download_s, s.registered_at
+    FROM shards AS s
+    LEFT JOIN (
+        SELECT source, shard, json_group_object(reason, samples)::VARCHAR AS failures
+        FROM shard_failures GROUP BY source, shard
+    ) AS f ON f.source = s.source AND f.shard = s.shard
+"""
+_RUN_SELECT = """
+    SELECT run_id, stage, config_hash, params, flow_run_id, status, started_at, finished_at, summary
+    FROM stage_runs
+"""
+
+
+def _to_json(value: dict[str, Any], what: str) -> str:
+    try:
+        return json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be JSON-serialisable: {err}") from err
+
+
+def _float_values(values: dict[str, float], what: str) -> list[float]:
+    try:
+        return [float(v) for v in values.values()]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must map names to numbers: {err}") from err
+
+
+def _new_run_id(stage: str) -> str:
+    # Sortable by start time, unique across machines, and safe as a folder name under runs/<stage>/.
+    return f"{stage}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def _parquet_files(pattern: Path) -> list[str]:
+    # atomic_path writes ".tmp-*" files beside finished ones; a half-written file must never be read.
+    return sorted(p for p in glob.glob(str(pattern)) if not Path(p).name.startswith(".tmp-"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The catalog
+
+
+class Catalog:
+    """A connection to the catalog file. Use `Catalog.open(path)`; close it (or use `with`) when done.
+
+    Methods are safe to call from several threads of one process; they serialise on one connection.
+    """
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
+        self._con = connection
+        self._path = path
+        self._read_only = read_only
+        self._lock = threading.RLock()
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        timeout_s: float = 30.0,
+        migrations_dir: Path | None = None,
+    ) -> Catalog:
+        """Open the catalog at `path`, creating or migrating it; wait up to `timeout_s` for the lock."""
+        path = Path(path).absolute()
+        if read_only and not path.exists():
+            raise CatalogError(f"catalog {path} does not exist; it cannot be created read-only")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        migrations = load_migrations(migrations_dir or MIGRATIONS_DIR)
+        con = _connect(path, read_only, timeout_s)
+        try:
+            _migrate(con, path, migrations, read_only)
+            con.execute(failure_reason_macro_sql())
+        except BaseException:
+            con.close()
+            raise
+        return cls(con, path, read_only)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._con.close()
+                self._closed = True
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def home(self) -> Path:
+        """The BLIP2_HOME root: the catalog file lives at its top."""
+        return self._path.parent
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.home)
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return _schema_version(self._con)
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def _fetch(self, sql: str, **params: Any) -> list[tuple]:
+        with self._lock:
+            self._check_open()
+            return self._con.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._lock:
+            self._check_open()
+            if self._read_only:
+                raise CatalogError(f"catalog {self._path} was opened read-only; it cannot be written")
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                yield self._con
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CatalogError(f"catalog {self._path} is closed")
+
+    def _require_run(self, con: duckdb.DuckDBPyConnection, run_id: str) -> str:
+        row = con.execute("SELECT status FROM stage_runs WHERE run_id = ?", [run_id]).fetchone()
+        if row is None:
+            raise CatalogError(f"unknown run id {run_id!r} in catalog {self._path}; start_run() creates runs")
+        return row[0]
+
+    # -- sources -------------------------------------------------------------------------------------
+
+    def upsert_source(
+        self, name: str, kind: str, manifest_dir: str, n_urls: int, dropped: dict[str, int]
+    ) -> None:
+        """Create or replace a source; `dropped` counts manifest rows removed before download, by reason."""
+        if n_urls < 0:
+            raise ValueError(f"n_urls of source {name!r} must be >= 0, got {n_urls}")
+        with self._transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?, now())",
+                [name, kind, str(manifest_dir), n_urls, _to_json(dropped, f"dropped of source {name!r}")],
+            )
+
+    def sources(self) -> list[SourceRecord]:
+        rows = self._fetch(
+            "SELECT name, kind, manifest_dir, n_urls, dropped, updated_at FROM sources ORDER BY name"
+        )
+        return [_source_record(row) for row in rows]
+
+    # -- shards --------------------------------------------------------------------------------------
+
+    def register_img2dataset_shard(self, source: str, tar_path: Path) -> ShardRecord:
+        """Verify an img2dataset shard (tar + `.parquet` + `_stats.json`) and record it.
+
+        Re-registering replaces the shard's row; if the tar's content changed, the shard's stage statuses
+        are dropped too, because every output derived from the old content is stale.
+        """
+        tar_path = Path(tar_path).absolute()
+        shard = tar_path.stem
+        parquet_path = tar_path.with_suffix(".parquet")
+        stats_path = tar_path.with_name(f"{shard}_stats.json")
+        for required in (tar_path, parquet_path, stats_path):
+            if not required.is_file():
+                raise ShardIntegrityError(f"shard {shard} of source {source!r}: missing file {required}")
+        scan = _scan_tar(tar_path)
+        parquet = self._scan_img2dataset_parquet(parquet_path)
+        stats = _read_stats(stats_path)
+        _verify_shard(tar_path, scan, parquet, stats)
+        with self._transaction() as con:
+            self._write_shard(con, source, shard, tar_path, scan, parquet, stats)
+        return self.shard(source, shard)
+
+    def _scan_img2dataset_parquet(self, parquet_path: Path) -> _ParquetScan:
+        try:
+            columns = {
+                row[0] for row in self._fetch("SELECT name FROM parquet_schema($p)", p=str(parquet_path))
+            }
+        except duckdb.Error as err:
+            raise ShardIntegrityError(f"shard Parquet {parquet_path} is unreadable: {err}") from err
+        missing = [c for c in _IMG2DATASET_COLUMNS if c not in columns]
+        if missing:
+            raise ShardIntegrityError(f"shard Parquet {parquet_path} lacks column(s) {', '.join(missing)}")
+        (rows, success_keys) = self._fetch(
+            "SELECT count(*), list(key) FILTER (WHERE status = 'success') FROM read_parquet($p)",
+            p=str(parquet_path),
+        )[0]
+        reasons = self._fetch(
+            "SELECT failure_reason(error_message), count(*) FROM read_parquet($p) "
+            "WHERE status IS DISTINCT FROM 'success' GROUP BY 1",
+            p=str(parquet_path),
+        )
+        return _ParquetScan(rows, frozenset(success_keys or ()), dict(reasons))
+
+    def _write_shard(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        source: str,
+        shard: str,
+        tar_path: Path,
+        scan: _TarScan,
+        parquet: _ParquetScan,
+        stats: dict[str, Any],
+    ) -> None:
+        if con.execute("SELECT 1 FROM sources WHERE name = ?", [source]).fetchone() is None:
+            raise CatalogError(f"unknown source {source!r} in catalog {self._path}; upsert_source() it first")
+        previous = con.execute(
+            "SELECT sha256 FROM shards WHERE source = ? AND shard = ?", [source, shard]
+        ).fetchone()
+        if previous is not None and previous[0] != scan.sha256:
+            con.execute("DELETE FROM shard_stage_status WHERE source = ? AND shard = ?", [source, shard])
+        con.execute("DELETE FROM shard_failures WHERE source = ? AND shard = ?", [source, shard])
+        con.execute(
+            "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [
+                source,
+                shard,
+                str(tar_path),
+                len(scan.keys),
+                parquet.rows - len(scan.keys),
+                scan.bytes,
+                scan.sha256,
+                stats.get("duration"),
+            ],
+        )
+        if parquet.failures:
+            con.execute(
+                "INSERT INTO shard_failures SELECT $source, $shard, unnest($reasons), unnest($counts)",
+                {
+                    "source": source,
+                    "shard": shard,
+                    "reasons": list(parquet.failures),
+                    "counts": list(parquet.failures.values()),
+                },
+            )
+
+    def shards(self, source: str | None = None) -> list[ShardRecord]:
+        rows = self._fetch(
+            _SHARD_SELECT + " WHERE $source IS NULL OR s.source = $source ORDER BY s.source, s.shard",
+            source=source,
+        )
+        return [_shard_record(row) for row in rows]
+
+    def shard(self, source: str, shard: str) -> ShardRecord | None:
+        rows = self._fetch(
+            _SHARD_SELECT + " WHERE s.source = $source AND s.shard = $shard", source=source, shard=shard
+        )
+        return _shard_record(rows[0]) if rows else None
+
+    def failures_by_reason(self, source: str | None = None) -> dict[str, int]:
+        """Failed samples by reason over registered shards, most frequent first."""
+        rows = self._fetch(
+            "SELECT reason, sum(samples)::BIGINT AS n FROM shard_failures "
+            "WHERE $source IS NULL OR source = $source GROUP BY reason ORDER BY n DESC, reason",
+            source=source,
+        )
+        return dict(rows)
+
+    # -- per-sample views over Parquet ---------------------------------------------------------------
+
+    def sample_status_counts(self, source: str | None = None) -> dict[str, dict[str, int]]:
+        """{source: {img2dataset status: samples}} read from every shard Parquet under the layout."""
+        files = _parquet_files(self.layout.shards(glob.escape(source) if source else "*") / "*.parquet")
+        if not files:
+            return {}
+        rows = self._read_parquet_rows(
+            "SELECT parse_filename(parse_dirpath(filename)) AS source, status, count(*) "
+            "FROM read_parquet($files, union_by_name = true, filename = true) GROUP BY ALL ORDER BY ALL",
+            files,
+        )
+        counts: dict[str, dict[str, int]] = {}
+        for source_name, status, n in rows:
+            counts.setdefault(source_name, {})[status] = n
+        return counts
+
+    def failed_samples(self, source: str, shard: str | None = None) -> list[FailedSample]:
+        """Every sample of `source` (or of one shard) that img2dataset failed to download or decode."""
+        folder = self.layout.shards(glob.escape(source))
+        files = _parquet_files(folder / f"{glob.escape(shard) if shard else '*'}.parquet")
+        if not files:
+            return []
+        rows = self._read_parquet_rows(
+            "SELECT parse_filename(filename, true), key, url, caption, status, "
+            "failure_reason(error_message), error_message "
+            "FROM read_parquet($files, union_by_name = true, filename = true) "
+            "WHERE status IS DISTINCT FROM 'success' ORDER BY ALL",
+            files,
+        )
+        return [FailedSample(source, *row) for row in rows]
+
+    def capfilt_score_stats(self, config_hash: str | None = None) -> list[CapfiltScoreStats]:
+        """Per CapFilt config: the top-1 CLIP score distribution and how often the web caption is kept."""
+        pattern = self.layout.capfilt(glob.escape(config_hash) if config_hash else "*", "*") / "*.parquet"
+        files = _parquet_files(pattern)
+        if not files:
+            return []
+        # The web caption is kept when it is one of the two captions CapFilt kept; comparing the text does
+        # not depend on whether web_caption_rank counts from 0 or 1.
+        rows = self._read_parquet_rows(
+            """
+            SELECT parse_filename(parse_dirpath(parse_dirpath(filename))) AS config_hash,
+                   count(*) FILTER (WHERE error IS NULL),
+                   count(*) FILTER (WHERE error IS NOT NULL),
+                   avg(top1_score) FILTER (WHERE error IS NULL),
+                   quantile_cont(top1_score, [0.1, 0.5, 0.9]) FILTER (WHERE error IS NULL),
+                   avg(coalesce(web_caption IN (top1, top2), false)::INTEGER) FILTER (WHERE error IS NULL)
+            FROM read_parquet($files, union_by_name = true, filename = true)
+            GROUP BY 1 ORDER BY 1
+            """,
+            files,
+        )
+        return [_capfilt_stats(row) for row in rows]
+
+    def _read_parquet_rows(self, sql: str, files: list[str]) -> list[tuple]:
+        try:
+            return self._fetch(sql, files=files)
+        except duckdb.Error as err:
+            raise CatalogError(
+                f"cannot query Parquet files ({files[0]} and {len(files) - 1} more): {err}"
+            ) from err
+
+    # -- stage runs ----------------------------------------------------------------------------------
+
+    def start_run(self, stage: str, config_hash: str, params: dict, flow_run_id: str | None = None) -> str:
+        """Record a new running stage run and return its id."""
+        if not _STAGE_NAME.match(stage):
+            raise ValueError(f"stage name {stage!r} must be letters, digits, '_', '.' or '-'")
+        run_id = _new_run_id(stage)
+        params_json = _to_json(params, f"params of stage {stage!r}")
+        with self._transaction() as con:
+            con.execute(
+                "INSERT INTO stage_runs VALUES (?, ?, ?, ?, ?, 'running', now(), NULL, NULL)",
+                [run_id, stage, config_hash, params_json, flow_run_id],
+            )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, summary: dict | None = None) -> None:
+        """Close a running run with a final status ("done", "failed" or "cancelled") and a summary."""
+        if status not in FINAL_RUN_STATUSES:
+            raise ValueError(
+                f"final status of run {run_id!r} must be one of {FINAL_RUN_STATUSES}, got {status!r}"
+            )
+        summary_json = None if summary is None else _to_json(summary, f"summary of run {run_id!r}")
+        with self._transaction() as con:
+            current = self._require_run(con, run_id)
+            if current != "running":
+                raise CatalogError(f"run {run_id!r} already finished with status {current!r}")
+            con.execute(
+                "UPDATE stage_runs SET status = ?, finished_at = now(), summary = ? WHERE run_id = ?",
+                [status, summary_json, run_id],
+            )
+
+    def runs(self, stage: str | None = None) -> list[StageRunRecord]:
+        rows = self._fetch(
+            _RUN_SELECT + " WHERE $stage IS NULL OR stage = $stage ORDER BY started_at, run_id", stage=stage
+        )
+        return [_run_record(row) for row in rows]
+
+    def run(self, run_id: str) -> StageRunRecord | None:
+        rows = self._fetch(_RUN_SELECT + " WHERE run_id = $run_id", run_id=run_id)
+        return _run_record(rows[0]) if rows else None
+
+    # -- per-shard stage status ----------------------------------------------------------------------
+
+    def set_shard_status(
+        self,
+        stage: str,
+        config_hash: str,
+        source: str,
+        shard: str,
+        status: str,
+        run_id: str,
+        output_path: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Record where a registered shard stands in (stage, config_hash)."""
+        if status not in SHARD_STATUSES:
+            raise ValueError(
+                f"status of shard {source}/{shard} must be one of {SHARD_STATUSES}, got {status!r}"
+            )
+        with self._transaction() as con:
+            self._require_run(con, run_id)
+            if (
+                con.execute("SELECT 1 FROM shards WHERE source = ? AND shard = ?", [source, shard]).fetchone()
+                is None
+            ):
+                raise CatalogError(f"shard {source}/{shard} is not registered in catalog {self._path}")
+            con.execute(
+                "INSERT OR REPLACE INTO shard_stage_status VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
+                [stage, config_hash, source, shard, status, run_id, output_path, error],
+            )
+
+    def shard_statuses(
+        self, stage: str, config_hash: str, source: str | None = None
+    ) -> list[ShardStatusRecord]:
+        rows = self._fetch(
+            "SELECT stage, config_hash, source, shard, status, run_id, output_path, error, updated_at "
+            "FROM shard_stage_status WHERE stage = $stage AND config_hash = $config_hash "
+            "AND ($source IS NULL OR source = $source) ORDER BY source, shard",
+            stage=stage,
+            config_hash=config_hash,
+            source=source,
+        )
+        return [ShardStatusRecord(*row) for row in rows]
+
+    def pending_shards(self, stage: str, config_hash: str, source: str | None = None) -> list[ShardRecord]:
+        """Registered shards that (stage, config_hash) has not finished: no status, or not 'done'."""
+        rows = self._fetch(
+            _SHARD_SELECT
+            + """
+            WHERE ($source IS NULL OR s.source = $source)
+              AND NOT EXISTS (
+                SELECT 1 FROM shard_stage_status AS t
+                WHERE t.stage = $stage AND t.config_hash = $config_hash
+                  AND t.source = s.source AND t.shard = s.shard AND t.status = 'done')
+            ORDER BY s.source, s.shard
+            """,
+            stage=stage,
+            config_hash=config_hash,
+            source=source,
+        )
+        return [_shard_record(row) for row in rows]
+
+    def reset_shard_status(
+        self, stage: str, config_hash: str, source: str, shards: Iterable[str] | None = None
+    ) -> int:
+        """Forget (stage, config_hash) progress for chosen shards of `source` (all when None): they re-run."""
+        with self._transaction() as con:
+            chosen = None if shards is None else list(shards)
+            (n,) = con.execute(
+                "DELETE FROM shard_stage_status WHERE stage = $stage AND config_hash = $config_hash "
+                "AND source = $source AND ($shards IS NULL OR list_contains($shards, shard))",
+                {"stage": stage, "config_hash": config_hash, "source": source, "shards": chosen},
+            ).fetchone()
+        return n
+
+    # -- checkpoints, metrics, evaluation ------------------------------------------------------------
+
+    def record_checkpoint(self, run_id: str, step: int, path: str) -> None:
+        with self._transaction() as con:
+            self._require_run(con, run_id)
+            con.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, now())", [run_id, step, str(path)]
+            )
+
+    def checkpoints(self, run_id: str) -> list[CheckpointRecord]:
+        rows = self._fetch(
+            "SELECT run_id, step, path, created_at FROM checkpoints WHERE run_id = $run_id ORDER BY step",
+            run_id=run_id,
+        )
+        return [CheckpointRecord(*row) for row in rows]
+
+    def log_metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
+        """Record several metrics of one step in one statement; a re-logged step (after resume) replaces."""
+        if not values:
+            return
+        numbers = _float_values(values, f"metrics of run {run_id!r} at step {step}")
+        with self._transaction() as con:
+            self._require_run(con, run_id)
+            con.execute(
+                "INSERT OR REPLACE INTO metrics "
+                "SELECT $run_id, $step, unnest($names), unnest($values), now()",
+                {"run_id": run_id, "step": step, "names": list(values), "values": numbers},
+            )
+
+    def metrics(self, run_id: str, name: str | None = None) -> list[MetricRecord]:
+        rows = self._fetch(
+            "SELECT run_id, step, name, value, logged_at FROM metrics "
+            "WHERE run_id = $run_id AND ($name IS NULL OR name = $name) ORDER BY step, name",
+            run_id=run_id,
+            name=name,
+        )
+        return [MetricRecord(*row) for row in rows]
+
+    def record_eval(
+        self, run_id: str, task: str, dataset: str, metrics: dict[str, float], checkpoint: str | None = None
+    ) -> None:
+        """Record the metrics of evaluating `checkpoint` on (task, dataset), replacing earlier values."""
+        if not metrics:
+            raise ValueError(f"record_eval for run {run_id!r} ({task} on {dataset}) got no metrics")
+        numbers = _float_values(metrics, f"eval metrics of run {run_id!r}")
+        with self._transaction() as con:
+            self._require_run(con, run_id)
+            con.execute(
+                "INSERT OR REPLACE INTO eval_results "
+                "SELECT $run_id, $task, $dataset, unnest($names), unnest($values), $checkpoint, now()",
+                {
+                    "run_id": run_id,
+                    "task": task,
+                    "dataset": dataset,
+                    "names": list(metrics),
+                    "values": numbers,
+                    "checkpoint": checkpoint,
+                },
+            )
+
+    def eval_results(self, run_id: str | None = None) -> list[EvalRecord]:
+        rows = self._fetch(
+            "SELECT run_id, task, dataset, metric, value, checkpoint, recorded_at FROM eval_results "
+            "WHERE $run_id IS NULL OR run_id = $run_id ORDER BY run_id, task, dataset, metric",
+            run_id=run_id,
+        )
+        return [EvalRecord(*row) for row in rows]
+
+    # -- the overview ---------------------------------------------------------------------------------
+
+    def status_summary(self) -> CatalogSummary:
+        """Per source: shards, samples, failures by reason. Per (stage, config): shard progress."""
+        return CatalogSummary(sources=tuple(self._source_summaries()), stages=tuple(self._stage_summaries()))
+
+    def _source_summaries(self) -> list[SourceSummary]:
+        failures: dict[str, dict[str, int]] = {}
+        for source, reason, n in self._fetch(
+            "SELECT source, reason, sum(samples)::BIGINT AS n FROM shard_failures "
+            "GROUP BY ALL ORDER BY n DESC, reason"
+        ):
+            failures.setdefault(source, {})[reason] = n
+        rows = self._fetch(
+            "SELECT so.name, count(sh.shard), coalesce(sum(sh.samples_ok), 0)::BIGINT, "
+            "coalesce(sum(sh.samples_failed), 0)::BIGINT "
+            "FROM sources AS so LEFT JOIN shards AS sh ON sh.source = so.name "
+            "GROUP BY so.name ORDER BY so.name"
+        )
+        return [SourceSummary(name, n, ok, failed, failures.get(name, {})) for name, n, ok, failed in rows]
+
+    def _stage_summaries(self) -> list[StageSummary]:
+        # A stage's scope is the sources it has touched: CapFilt on web sources leaves COCO untouched.
+        rows = self._fetch(
+            """
+            WITH touched AS (SELECT DISTINCT stage, config_hash, source FROM shard_stage_status)
+            SELECT t.stage, t.config_hash,
+                   count(*) FILTER (WHERE st.status = 'done'),
+                   count(*) FILTER (WHERE st.status = 'running'),
+                   count(*) FILTER (WHERE st.status = 'failed'),
+                   count(*) FILTER (WHERE st.status IS NULL OR st.status = 'pending')
+            FROM touched AS t
+            JOIN shards AS s ON s.source = t.source
+            LEFT JOIN shard_stage_status AS st
+              ON st.stage = t.stage AND st.config_hash = t.config_hash
+             AND st.source = s.source AND st.shard = s.shard
+            GROUP BY t.stage, t.config_hash ORDER BY t.stage, t.config_hash
+            """
+        )
+        return [StageSummary(*row) for row in rows]
+
+
+def _capfilt_stats(row: tuple) -> CapfiltScoreStats:
+    config_hash, samples, errors, mean, quantiles, kept = row
+    p10, p50, p90 = quantiles if quantiles is not None else (None, None, None)
+    return CapfiltScoreStats(config_hash, samples, errors, mean, p10, p50, p90, kept)

@@ -1,0 +1,109 @@
+"""Versioned migrations: a fresh file is created at the latest version, an older one is upgraded in one
+transaction, a newer one is refused."""
+
+import shutil
+
+import duckdb
+import pytest
+
+from data_catalog.catalog import MIGRATIONS_DIR, Catalog, CatalogError, CatalogVersionError, load_migrations
+
+SHIPPED = load_migrations()
+
+
+@pytest.fixture
+def v1_dir(tmp_path):
+    """A migrations folder holding only the first shipped migration: 'the code as it was at version 1'."""
+    folder = tmp_path / "migrations_v1"
+    folder.mkdir()
+    shutil.copy(MIGRATIONS_DIR / SHIPPED[0].name, folder)
+    return folder
+
+
+def _with_migration(base, tmp_path, name, sql):
+    folder = tmp_path / f"migrations_{name}"
+    shutil.copytree(base, folder)
+    (folder / name).write_text(sql)
+    return folder
+
+
+def _tables(path):
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    finally:
+        con.close()
+
+
+def test_fresh_catalog_is_at_latest_shipped_version(tmp_path):
+    with Catalog.open(tmp_path / "catalog.duckdb") as catalog:
+        assert catalog.schema_version == SHIPPED[-1].version
+        assert catalog.sources() == []
+    assert {"sources", "shards", "stage_runs", "shard_stage_status", "schema_version"} <= _tables(
+        tmp_path / "catalog.duckdb"
+    )
+
+
+def test_older_catalog_is_upgraded_and_keeps_its_data(tmp_path, v1_dir):
+    path = tmp_path / "catalog.duckdb"
+    with Catalog.open(path, migrations_dir=v1_dir) as catalog:
+        catalog.upsert_source("coco", "coco", "/m/coco", 5, {})
+        assert catalog.schema_version == 1
+    v2_dir = _with_migration(
+        v1_dir,
+        tmp_path,
+        "0002_homepage.sql",
+        "ALTER TABLE sources ADD COLUMN homepage VARCHAR;\nCREATE TABLE extra (x INTEGER);",
+    )
+    with Catalog.open(path, migrations_dir=v2_dir) as catalog:
+        assert catalog.schema_version == 2
+        assert [s.name for s in catalog.sources()] == ["coco"]
+    assert "extra" in _tables(path)
+
+
+def test_failed_migration_leaves_the_catalog_at_its_old_version(tmp_path, v1_dir):
+    path = tmp_path / "catalog.duckdb"
+    Catalog.open(path, migrations_dir=v1_dir).close()
+    broken = _with_migration(
+        v1_dir, tmp_path, "0002_broken.sql", "CREATE TABLE half (x INTEGER);\nSELEC nonsense;"
+    )
+    with pytest.raises(CatalogError, match="0002_broken.sql"):
+        Catalog.open(path, migrations_dir=broken)
+    assert "half" not in _tables(path)
+    with Catalog.open(path, migrations_dir=v1_dir) as catalog:
+        assert catalog.schema_version == 1
+
+
+def test_catalog_from_newer_code_is_refused_naming_both_versions(tmp_path):
+    path = tmp_path / "catalog.duckdb"
+    Catalog.open(path).close()
+    con = duckdb.connect(str(path))
+    con.execute("INSERT INTO schema_version VALUES (999, '0999_future.sql', now())")
+    con.close()
+    with pytest.raises(CatalogVersionError) as err:
+        Catalog.open(path)
+    assert "999" in str(err.value)
+    assert f"up to {SHIPPED[-1].version}" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_read_only_open_of_an_older_catalog_asks_for_a_writable_open(tmp_path, v1_dir):
+    path = tmp_path / "catalog.duckdb"
+    Catalog.open(path, migrations_dir=v1_dir).close()
+    v2_dir = _with_migration(v1_dir, tmp_path, "0002_more.sql", "CREATE TABLE more (x INTEGER);")
+    with pytest.raises(CatalogVersionError, match="without read_only"):
+        Catalog.open(path, read_only=True, migrations_dir=v2_dir)
+
+
+def test_migration_files_must_be_numbered_without_gaps(tmp_path, v1_dir):
+    gap = _with_migration(v1_dir, tmp_path, "0003_skipped.sql", "SELECT 1;")
+    with pytest.raises(CatalogError, match="0003_skipped.sql.*expected 2"):
+        load_migrations(gap)
+    badly_named = _with_migration(v1_dir, tmp_path, "2_oops.sql", "SELECT 1;")
+    with pytest.raises(CatalogError, match="2_oops.sql"):
+        load_migrations(badly_named)
+
+
+def test_read_only_open_of_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(CatalogError, match="does not exist"):
+        Catalog.open(tmp_path / "nowhere.duckdb", read_only=True)
