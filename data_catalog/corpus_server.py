@@ -14,7 +14,7 @@ normal path (`/fault/<kind>/<path>`):
     /fault/500/...           500 Internal Server Error
     /fault/slow/<s>/...      waits <s> seconds, then serves the file (a client timeout below <s> fails)
     /fault/notimage/...      HTML bytes sent as image/jpeg
-    /fault/truncated/...     the first half of the file
+    /fault/truncated/...     the file cut short (a JPEG in the middle of its image data)
     /fault/huge/...          a small PNG that decodes to HUGE_SIDE x HUGE_SIDE pixels (a decompression bomb)
 """
 
@@ -30,6 +30,7 @@ import struct
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,6 +57,18 @@ def huge_png(side: int = HUGE_SIDE) -> bytes:
     idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def truncate(data: bytes) -> bytes:
+    """The file cut in half; a JPEG keeps its headers and loses half of its scan data.
+
+    Half of a small JPEG would end inside the headers, which decoders report as "not an image";
+    cutting the scan data gives the truncated-download error this fault stands for.
+    """
+    start_of_scan = data.find(b"\xff\xda")
+    if data[:2] == b"\xff\xd8" and start_of_scan > 0:
+        return data[: start_of_scan + (len(data) - start_of_scan) // 2]
+    return data[: len(data) // 2]
 
 
 class _Server(ThreadingHTTPServer):
@@ -100,14 +113,14 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "notimage":
             self._send(HTTPStatus.OK, NOT_AN_IMAGE, "image/jpeg", send_body)
         elif kind == "truncated":
-            self._file(rest, send_body, keep=0.5)
+            self._file(rest, send_body, cut=truncate)
         elif kind == "huge":
             self._send(HTTPStatus.OK, huge_png(), "image/png", send_body)
         else:
             message = f"unknown fault route {kind!r}\n".encode()
             self._send(HTTPStatus.NOT_FOUND, message, "text/plain", send_body)
 
-    def _file(self, parts: list[str], send_body: bool, keep: float = 1.0) -> None:
+    def _file(self, parts: list[str], send_body: bool, cut: Callable[[bytes], bytes] | None = None) -> None:
         root = self.server.root
         path = root.joinpath(*parts).resolve()
         if path != root and root not in path.parents:
@@ -117,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             data = path.read_bytes()
             kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            self._send(HTTPStatus.OK, data[: int(len(data) * keep)], kind, send_body)
+            self._send(HTTPStatus.OK, cut(data) if cut else data, kind, send_body)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, send_body: bool) -> None:
         self.send_response(status)
