@@ -90,7 +90,7 @@ def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def run_toy(args: argparse.Namespace) -> tuple[ToyModel, TrainResult]:
+def run_toy(args: argparse.Namespace, callbacks: list | None = None) -> tuple[ToyModel, TrainResult]:
     env = DistEnv.from_env()
     model = toy_model(args.dropout)
     data = InMemoryData(
@@ -101,7 +101,6 @@ def run_toy(args: argparse.Namespace) -> tuple[ToyModel, TrainResult]:
         grad_accum=args.grad_accum, clip_grad_norm=1.0, log_every=1, ckpt_every=args.ckpt_every,
         keep_last=2, checkpoint_buffers=("seen",), seed=11, device="cpu",
     )  # fmt: skip
-    callbacks = [SlowSteps(args.sleep)] if args.sleep else []
     return model, train(model, data, cfg, callbacks=callbacks)
 
 
@@ -133,7 +132,7 @@ def result_record(model: ToyModel, result: TrainResult) -> dict:
 def main() -> None:
     torch.set_num_threads(1)
     args = parse_args()
-    model, result = run_toy(args)
+    model, result = run_toy(args, callbacks=[SlowSteps(args.sleep)] if args.sleep else None)
     if DistEnv.from_env().is_main:
         atomic_write_text(Path(args.out) / "result.json", json.dumps(result_record(model, result)))
 
