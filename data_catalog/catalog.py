@@ -250,7 +250,23 @@ def _read_stats(stats_path: Path) -> dict[str, Any]:
     return stats
 
 
-def _verify_shard(tar_path: Path, scan: _TarScan, parquet: _ParquetScan, stats: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class _VerifiedShard:
+    """What registration records of a shard whose tar, Parquet and stats agree."""
+
+    shard: str
+    tar_path: Path
+    samples_ok: int
+    samples_failed: int
+    failures: dict[str, int]
+    bytes: int
+    sha256: str
+    download_s: float | None
+
+
+def _verify_shard(
+    tar_path: Path, scan: _TarScan, parquet: _ParquetScan, stats: dict[str, Any]
+) -> _VerifiedShard:
     if scan.keys != parquet.success_keys:
         only_tar = sorted(scan.keys - parquet.success_keys)[:5]
         only_parquet = sorted(parquet.success_keys - scan.keys)[:5]
@@ -263,6 +279,47 @@ def _verify_shard(tar_path: Path, scan: _TarScan, parquet: _ParquetScan, stats: 
         raise ShardIntegrityError(
             f"shard {tar_path}: its _stats.json reports {stats['count']} samples and "
             f"{stats['successes']} successes, its Parquet {parquet.rows} and {len(parquet.success_keys)}"
+        )
+    return _VerifiedShard(
+        shard=tar_path.stem,
+        tar_path=tar_path,
+        samples_ok=len(scan.keys),
+        samples_failed=parquet.rows - len(scan.keys),
+        failures=parquet.failures,
+        bytes=scan.bytes,
+        sha256=scan.sha256,
+        download_s=stats.get("duration"),
+    )
+
+
+def _write_shard(con: duckdb.DuckDBPyConnection, source: str, shard: _VerifiedShard) -> None:
+    key = [source, shard.shard]
+    previous = con.execute("SELECT sha256 FROM shards WHERE source = ? AND shard = ?", key).fetchone()
+    if previous is not None and previous[0] != shard.sha256:
+        # Every stage output derived from the old bytes is stale: the shard is pending everywhere again.
+        con.execute("DELETE FROM shard_stage_status WHERE source = ? AND shard = ?", key)
+    con.execute("DELETE FROM shard_failures WHERE source = ? AND shard = ?", key)
+    con.execute(
+        "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
+        [
+            *key,
+            str(shard.tar_path),
+            shard.samples_ok,
+            shard.samples_failed,
+            shard.bytes,
+            shard.sha256,
+            shard.download_s,
+        ],
+    )
+    if shard.failures:
+        con.execute(
+            "INSERT INTO shard_failures SELECT $source, $shard, unnest($reasons), unnest($counts)",
+            {
+                "source": source,
+                "shard": shard.shard,
+                "reasons": list(shard.failures),
+                "counts": list(shard.failures.values()),
+            },
         )
 
 
@@ -480,19 +537,21 @@ class Catalog:
         are dropped too, because every output derived from the old content is stale.
         """
         tar_path = Path(tar_path).absolute()
-        shard = tar_path.stem
         parquet_path = tar_path.with_suffix(".parquet")
-        stats_path = tar_path.with_name(f"{shard}_stats.json")
+        stats_path = tar_path.with_name(f"{tar_path.stem}_stats.json")
+        if not self._fetch("SELECT 1 FROM sources WHERE name = $source", source=source):
+            raise CatalogError(f"unknown source {source!r} in catalog {self._path}; upsert_source() it first")
         for required in (tar_path, parquet_path, stats_path):
             if not required.is_file():
-                raise ShardIntegrityError(f"shard {shard} of source {source!r}: missing file {required}")
+                raise ShardIntegrityError(
+                    f"shard {tar_path.stem} of source {source!r}: missing file {required}"
+                )
         scan = _scan_tar(tar_path)
         parquet = self._scan_img2dataset_parquet(parquet_path)
-        stats = _read_stats(stats_path)
-        _verify_shard(tar_path, scan, parquet, stats)
+        verified = _verify_shard(tar_path, scan, parquet, _read_stats(stats_path))
         with self._transaction() as con:
-            self._write_shard(con, source, shard, tar_path, scan, parquet, stats)
-        return self.shard(source, shard)
+            _write_shard(con, source, verified)
+        return self.shard(source, verified.shard)
 
     def _scan_img2dataset_parquet(self, parquet_path: Path) -> _ParquetScan:
         try:
@@ -514,48 +573,6 @@ class Catalog:
             p=str(parquet_path),
         )
         return _ParquetScan(rows, frozenset(success_keys or ()), dict(reasons))
-
-    def _write_shard(
-        self,
-        con: duckdb.DuckDBPyConnection,
-        source: str,
-        shard: str,
-        tar_path: Path,
-        scan: _TarScan,
-        parquet: _ParquetScan,
-        stats: dict[str, Any],
-    ) -> None:
-        if con.execute("SELECT 1 FROM sources WHERE name = ?", [source]).fetchone() is None:
-            raise CatalogError(f"unknown source {source!r} in catalog {self._path}; upsert_source() it first")
-        previous = con.execute(
-            "SELECT sha256 FROM shards WHERE source = ? AND shard = ?", [source, shard]
-        ).fetchone()
-        if previous is not None and previous[0] != scan.sha256:
-            con.execute("DELETE FROM shard_stage_status WHERE source = ? AND shard = ?", [source, shard])
-        con.execute("DELETE FROM shard_failures WHERE source = ? AND shard = ?", [source, shard])
-        con.execute(
-            "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
-            [
-                source,
-                shard,
-                str(tar_path),
-                len(scan.keys),
-                parquet.rows - len(scan.keys),
-                scan.bytes,
-                scan.sha256,
-                stats.get("duration"),
-            ],
-        )
-        if parquet.failures:
-            con.execute(
-                "INSERT INTO shard_failures SELECT $source, $shard, unnest($reasons), unnest($counts)",
-                {
-                    "source": source,
-                    "shard": shard,
-                    "reasons": list(parquet.failures),
-                    "counts": list(parquet.failures.values()),
-                },
-            )
 
     def shards(self, source: str | None = None) -> list[ShardRecord]:
         rows = self._fetch(

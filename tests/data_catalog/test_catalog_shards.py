@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import re
 import statistics
 import tarfile
 from collections import Counter
@@ -153,6 +154,16 @@ def test_missing_or_corrupt_files_are_named(catalog):
     tar.write_bytes(b"this is not a tar file" * 30)
     with pytest.raises(ShardIntegrityError, match="not a readable tar"):
         catalog.register_img2dataset_shard("cc3m", tar)
+    tar = write_img2dataset_shard(catalog.layout.shards("cc3m"), shard_id=2)
+    # A download killed mid-write: cut inside a member's data, and at a member boundary.
+    intact = tar.read_bytes()
+    tar.write_bytes(intact[: 512 * 5 + 7])
+    with pytest.raises(ShardIntegrityError, match="unexpected end of data"):
+        catalog.register_img2dataset_shard("cc3m", tar)
+    tar.write_bytes(intact[: 512 * 6])
+    with pytest.raises(ShardIntegrityError, match=re.escape(str(tar))):
+        catalog.register_img2dataset_shard("cc3m", tar)
+    assert catalog.shards() == []
 
 
 def test_parquet_without_img2dataset_columns_is_refused(catalog):
