@@ -171,6 +171,8 @@ def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyCo
                 raise CatalogLockedError(_locked_message(path, str(err), timeout_s)) from err
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.5)
+        except duckdb.Error as err:  # e.g. the same process holds it open with another read_only setting
+            raise CatalogError(f"cannot open catalog {path}: {err}") from err
 
 
 def _locked_message(path: Path, duckdb_message: str, timeout_s: float) -> str:
