@@ -353,9 +353,7 @@ class CausalLMStepper:
         mask = torch.cat([state["mask"], torch.ones_like(tokens)], dim=1)
         generated = torch.cat([state["tokens"], tokens], dim=1)
         if self.use_cache:
-            out = self.llm(
-                input_ids=tokens, attention_mask=mask, past_key_values=state["cache"], use_cache=True
-            )
+            out = self.llm(input_ids=tokens, attention_mask=mask, cache=state["cache"], use_cache=True)
         else:
             new_embeds = self.llm.get_input_embeddings()(generated)
             out = self.llm(inputs_embeds=torch.cat([state["embeds"], new_embeds], dim=1), attention_mask=mask)
@@ -392,7 +390,7 @@ class Seq2SeqStepper:
             encoder_outputs=(state["encoded"],),
             attention_mask=state["mask"],
             decoder_input_ids=decoder_ids,
-            past_key_values=state["cache"],
+            cache=state["cache"],
             use_cache=self.use_cache,
         )
         return out.logits[:, -1], {**state, "cache": out.past_key_values if self.use_cache else None}
