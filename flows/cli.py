@@ -1,0 +1,156 @@
+"""`blip2`: the command line. Each subcommand calls the same flow a deployment runs.
+
+Heavy imports (Prefect, torch, img2dataset) happen inside the subcommands, so `blip2 --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # The ephemeral API server needs longer than Prefect's 20 s default on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
+
+
+def _add_home(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", type=Path, help="data root (default $BLIP2_HOME or ./var)")
+
+
+def _add_download_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("download (img2dataset)")
+    g.add_argument("--image-size", type=int, help="target side in pixels (224; 364/490 for fine-tuning)")
+    g.add_argument(
+        "--resize-mode", choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
+    )
+    g.add_argument("--samples-per-shard", type=int)
+    g.add_argument("--processes", type=int, help="download processes (default: CPU count)")
+    g.add_argument("--threads", type=int, help="download threads per process")
+    g.add_argument("--timeout", type=float, dest="timeout_s", help="per-URL timeout in seconds")
+    g.add_argument("--retries", type=int, help="immediate retries per URL inside img2dataset")
+    g.add_argument("--max-image-pixels", type=int, help="refuse larger images before decoding them")
+
+
+def _download_options(args: argparse.Namespace):
+    from flows.download import DownloadOptions
+
+    names = (
+        "image_size",
+        "resize_mode",
+        "samples_per_shard",
+        "processes",
+        "threads",
+        "timeout_s",
+        "retries",
+        "max_image_pixels",
+    )
+    return DownloadOptions(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+
+
+# --- subcommands -----------------------------------------------------------------------------------
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from flows.ingest import IngestParams, ingest_flow
+
+    params = IngestParams(
+        source=args.source,
+        inputs=tuple(args.input or ()),
+        format=args.format,
+        allow_local=args.allow_local,
+        base_url=args.base_url,
+        splits=tuple(args.splits) if args.splits else None,
+        download=_download_options(args),
+        retry_failed=args.retry_failed,
+        home=args.home,
+    )
+    summary = ingest_flow(params)
+    dropped = ", ".join(f"{k} {v}" for k, v in summary.dropped.items()) or "none"
+    print(f"manifest {summary.source}: {summary.urls} URLs kept (dropped: {dropped})")
+    print(
+        f"ingest {summary.source}: {summary.samples_ok} images in {summary.shards} shards "
+        f"({summary.shards_downloaded} new, {summary.shards_skipped} already done), "
+        f"{summary.samples_failed} failed"
+    )
+    for reason, n in sorted(summary.failures.items(), key=lambda kv: -kv[1]):
+        print(f"  {reason:<20} {n}")
+    if summary.retried:
+        print(f"retried {summary.retried} failed URL(s), recovered {summary.recovered}")
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from flows import catalog_views
+
+    return catalog_views.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip2", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="download a source's URL manifest into WebDataset shards")
+    p.add_argument("--source", required=True, help="source name (lowercase), e.g. cc3m")
+    p.add_argument("--input", type=Path, nargs="+", help="the source's files (default: reuse its manifest)")
+    p.add_argument(
+        "--format",
+        default="parquet",
+        help="format of the inputs: coco, karpathy, vg, cc3m, cc12m, "
+        "sbu, sbu_parquet, laion, csv, parquet, jsonl (default parquet)",
+    )
+    p.add_argument("--allow-local", action="store_true", help="admit file:// URLs")
+    p.add_argument("--base-url", help="coco/karpathy formats: URL prefix of the image files")
+    p.add_argument("--splits", nargs="+", help="karpathy format: keep only these splits")
+    p.add_argument(
+        "--retry-failed", action="store_true", help="retry transient failures inside finished shards"
+    )
+    _add_download_options(p)
+    _add_home(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("catalog", help="what the catalog knows: sources, shards, runs, metrics")
+    csub = p.add_subparsers(dest="catalog_command", required=True, metavar="WHAT")
+    c = csub.add_parser("status", help="sources, shards, per-stage progress, failures by reason")
+    _add_home(c)
+    c = csub.add_parser("runs", help="stage runs, newest last")
+    c.add_argument("--stage", help="only this stage")
+    _add_home(c)
+    c = csub.add_parser("metrics", help="training metrics and evaluation results of one run")
+    c.add_argument("run_id")
+    _add_home(c)
+    p.set_defaults(func=cmd_catalog)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a clear one-line message; the flow run keeps the traceback
+        from pydantic import ValidationError
+
+        if isinstance(err, ValidationError):
+            print(f"blip2 {args.command}: invalid parameters:\n{err}", file=sys.stderr)
+            return 2
+        if os.environ.get("BLIP2_TRACEBACK"):
+            raise
+        print(f"blip2 {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Small pieces every flow shares: where data lives, catalog sessions, artifact keys, locks."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_catalog import Catalog
+from data_catalog.layout import Layout, blip2_home
+
+# Flows open the catalog for short sessions, so `blip2 catalog status` in another shell gets a turn.
+CATALOG_TIMEOUT_S = float(os.environ.get("BLIP2_CATALOG_TIMEOUT_S", "60"))
+
+
+def layout_for(home: Path | None) -> Layout:
+    return Layout(Path(home).resolve() if home else blip2_home())
+
+
+@contextlib.contextmanager
+def catalog_session(layout: Layout, read_only: bool = False) -> Iterator[Catalog]:
+    layout.home.mkdir(parents=True, exist_ok=True)
+    with Catalog.open(layout.catalog, read_only=read_only, timeout_s=CATALOG_TIMEOUT_S) as cat:
+        yield cat
+
+
+def flow_run_id() -> str | None:
+    """The Prefect flow-run id when running inside a flow, else None."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    return str(run_id) if run_id else None
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+class StageBusyError(RuntimeError):
+    """Another process is already running a stage over the same folder."""
+
+
+@contextlib.contextmanager
+def source_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on a stage's output folder, released when the process dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise StageBusyError(
+                f"{folder} is being written by another run (lock {folder / '.lock'}); wait for it to finish"
+            ) from err
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
