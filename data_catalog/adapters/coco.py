@@ -17,7 +17,6 @@ import pyarrow as pa
 
 from data_catalog.adapters.manifest import ManifestError, ManifestOptions, join_url
 
-
 _COCO_SCHEMA = pa.schema(
     [("url", pa.string()), ("caption", pa.string()), ("captions", pa.string()), ("coco_id", pa.int64()),
      ("width", pa.int64()), ("height", pa.int64())]
