@@ -292,6 +292,9 @@ class _Meter:
     """Sums losses on the device between log steps, so only a log step waits for the GPU."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = self.samples = 0
         self.started = time.perf_counter()
@@ -311,7 +314,7 @@ class _Meter:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         metrics = dict(zip(names, means.tolist(), strict=True))
         metrics["samples_per_s"] = self.samples * env.world_size / elapsed
-        self.__init__()
+        self._reset()
         return metrics
 
 
@@ -483,7 +486,9 @@ def train(
     """Train `model` on `data` for `cfg.steps` optimizer steps; resume from the latest checkpoint if any.
 
     `param_groups` (from `optim.param_groups`) overrides the default groups, e.g. to apply layer-wise
-    lr decay to the ViT when fine-tuning. Returns the final step and the metrics logged in this call.
+    lr decay to the ViT when fine-tuning. Module train/eval modes are left as the model set them, so
+    frozen towers that the model put in eval() stay there. Returns the final step and, on rank 0, the
+    metrics logged in this call.
     """
     env = DistEnv.from_env()
     data_world = getattr(data, "world_size", env.world_size)

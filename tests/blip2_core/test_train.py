@@ -253,3 +253,22 @@ def test_in_memory_data_refuses_another_ranks_state():
     data = InMemoryData(toy_columns(20), 2, rank=1, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         data.load_state_dict(InMemoryData(toy_columns(20), 2, rank=0, world_size=2).state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_trains_and_resumes(tmp_path, precision):
+    model, columns = toy_model(dropout=0.1), toy_columns(64)
+    cfg = config(tmp_path, steps=12, lr=3e-2, precision=precision, device="cuda", ckpt_every=6)
+    result = train(model, InMemoryData(columns, 16), cfg)
+    assert next(model.parameters()).is_cuda and result.step == 12
+    state = torch.load(tmp_path / "checkpoints" / "step-000006" / "train_state.pt", weights_only=True)
+    assert "cuda" in state["ranks"][0]["rng"]
+    resumed_model = toy_model(dropout=0.1)
+    checkpoints_dir = tmp_path / "checkpoints"
+    (checkpoints_dir / "step-000012").rename(checkpoints_dir / ".tmp-step-000012-gone")
+    resumed = train(resumed_model, InMemoryData(columns, 16), cfg)
+    assert [s for s, _ in resumed.history] == list(range(7, 13))
+    for (step, metrics), (_, expected) in zip(resumed.history, result.history[6:], strict=True):
+        assert metrics["loss"] == pytest.approx(expected["loss"], abs=1e-5), step
