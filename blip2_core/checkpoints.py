@@ -19,6 +19,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,6 +31,14 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class Stateful(Protocol):
+    """Anything checkpointed through its state dict: optimizer, lr schedule, grad scaler."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ def save_checkpoint(
     model: nn.Module,
     *,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler=None,
+    scheduler: Stateful | None = None,
     scaler: torch.amp.GradScaler | None = None,
     data_state: dict | None = None,
     rank_states: list[dict] | None = None,
@@ -119,6 +128,8 @@ def save_checkpoint(
     `rank_states` (one `rank_state(...)` per DDP rank, gathered by the trainer) defaults to this
     process's RNG and `data_state`. `keep_last` deletes all but the newest K checkpoints afterwards.
     """
+    if rank_states is not None and data_state is not None:
+        raise ValueError("save_checkpoint: pass data_state or rank_states, not both")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_temp_dirs(run_dir)
@@ -141,7 +152,7 @@ def save_checkpoint(
     return final
 
 
-def _train_state(step, optimizer, scheduler, scaler, rank_states: list[dict]) -> dict:
+def _train_state(step: int, optimizer, scheduler, scaler, rank_states: list[dict]) -> dict:
     return {
         "format": FORMAT_VERSION,
         "step": step,
@@ -282,7 +293,7 @@ def load_checkpoint(
     model: nn.Module,
     path: str | os.PathLike[str],
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler=None,
+    scheduler: Stateful | None = None,
     scaler: torch.amp.GradScaler | None = None,
     *,
     rank: int = 0,
@@ -313,7 +324,7 @@ def load_checkpoint(
     return LoadedCheckpoint(path=path, step=int(state["step"]), data_state=mine["data"])
 
 
-def _load_part(target, state: dict, key: str, path: Path) -> None:
+def _load_part(target: Stateful | None, state: dict, key: str, path: Path) -> None:
     if target is None:
         return
     if state[key] is None:
