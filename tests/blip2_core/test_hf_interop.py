@@ -86,6 +86,7 @@ def test_imported_generation_model_gives_transformers_lm_logits(hf_generation):
         embeds, mask = ours.bridge.embed_with_queries(visual_prompt, text.input_ids, text.attention_mask)
         got = ours.bridge.llm(inputs_embeds=embeds, attention_mask=mask).logits
     assert got.shape == expected.shape
+    print(f"LM logits max abs diff vs transformers: {(got - expected).abs().max().item():.3e}")
     assert (got - expected).abs().max().item() <= 1e-5
 
 
@@ -108,6 +109,10 @@ def test_imported_retrieval_model_gives_transformers_itm_and_itc(hf_retrieval):
         image_feats = ours.image_features(images).image_feats  # (B, Q, E)
         text_feat = ours.text_features(ids, mask).text_feat  # (B, E)
         itc_got = torch.einsum("iqe,te->itq", image_feats, text_feat).max(dim=-1).values
+    print(
+        f"ITM max abs diff: {(itm_got - itm_expected).abs().max().item():.3e}, "
+        f"ITC: {(itc_got - itc_expected).abs().max().item():.3e}"
+    )
     assert (itm_got - itm_expected).abs().max().item() <= 1e-5
     assert (itc_got - itc_expected).abs().max().item() <= 1e-5
 
