@@ -27,18 +27,20 @@ def tiny_qformer(tiny_config) -> QFormer:
 
 
 def make_stage1_batch(cfg: Blip2Config, batch: int = 4, text_len: int = 8, seed: int = 0) -> dict:
-    """Random images and BERT-like ids ([CLS] first, padded tails), the stage-1 batch layout."""
+    """Images and BERT-like ids ([CLS] first, padded tails) in the stage-1 batch layout.
+
+    Each image is a flat random colour plus a little noise: random-noise images all look alike to a
+    random tower once averaged by attention, while distinct colours give the queries something to match.
+    """
     g = torch.Generator().manual_seed(seed)
     size = cfg.vision.image_size
     ids = torch.randint(1000, 1100, (batch, text_len), generator=g)
     ids[:, 0] = cfg.qformer.cls_token_id
     lengths = torch.randint(text_len // 2, text_len + 1, (batch,), generator=g)
     mask = (torch.arange(text_len)[None, :] < lengths[:, None]).long()
-    return {
-        "images": torch.randn(batch, 3, size, size, generator=g),
-        "text_ids": ids * mask,
-        "text_mask": mask,
-    }
+    colours = 2.0 * torch.randn(batch, 3, 1, 1, generator=g)
+    images = colours + 0.1 * torch.randn(batch, 3, size, size, generator=g)
+    return {"images": images, "text_ids": ids * mask, "text_mask": mask}
 
 
 @pytest.fixture(scope="session")
