@@ -96,30 +96,48 @@ def test_images_are_encoded_once_per_batch_by_both_models(model_dir, models):
     assert seen["ranker"] == [3, 3, 1]
 
 
-def test_batched_captions_equal_transformers_generate_for_the_same_seed(model_dir, models):
-    """Sharing the ViT output across samples must sample exactly what BLIP's own generate samples."""
-    cfg = make_cfg(model_dir)
-    captioner = models.captioner
-    image = fx.solid_image("red")
-    ours = captioner.caption([image], seed=123)[0]
+def test_decoding_loop_matches_transformers_generate_when_the_nucleus_is_one_token(model_dir, models):
+    """With top-p near 0 sampling is greedy, so our cached loop (shared ViT output, repetition penalty,
+    minimum length, prompt handling) must produce exactly what BLIP's own `generate` does greedily."""
+    cfg = make_cfg(model_dir, top_p=1e-9, min_length=12, max_length=20)
+    captioner = cf.Captioner(models.captioner.model, models.captioner.processor, cfg)
+    images = [fx.solid_image(c) for c in fx.COLOURS]
+    ours = captioner.caption(images, seed=0)
 
-    prompt = captioner.processor.tokenizer(cfg.prompt, return_tensors="pt").input_ids
-    with cf._seeded(123, "cpu"):
-        tokens = captioner.model.generate(
-            pixel_values=captioner.pixel_values([image]),
-            input_ids=prompt,
-            do_sample=True,
-            num_return_sequences=cfg.num_captions,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            repetition_penalty=cfg.repetition_penalty,
-            min_length=cfg.min_length,
-            max_length=cfg.max_length,
-        )
+    prompt = captioner.processor.tokenizer([cfg.prompt] * len(images), return_tensors="pt").input_ids
+    tokens = captioner.model.generate(
+        pixel_values=captioner.pixel_values(images),
+        input_ids=prompt,
+        do_sample=False,
+        repetition_penalty=cfg.repetition_penalty,
+        min_length=cfg.min_length,
+        max_length=cfg.max_length,
+    )
     decode = captioner.processor.tokenizer.batch_decode
     n_prompt = captioner.prompt_ids.shape[1]
-    assert decode(tokens[:, :n_prompt], skip_special_tokens=True) == [cfg.prompt.strip()] * cfg.num_captions
-    assert [t.strip() for t in decode(tokens[:, n_prompt:], skip_special_tokens=True)] == ours
+    assert decode(tokens[:, :n_prompt], skip_special_tokens=True) == [cfg.prompt.strip()] * len(images)
+    theirs = [t.strip() for t in decode(tokens[:, n_prompt:], skip_special_tokens=True)]
+    assert [[t] * cfg.num_captions for t in theirs] == ours
+
+
+def nucleus_reference(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' own top-p filter, renormalised: the distribution nucleus sampling must follow."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = TopPLogitsWarper(top_p=top_p)(None, probs.log())
+    return logits.softmax(dim=-1)
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.5])
+def test_nucleus_sample_follows_the_top_p_distribution(top_p):
+    generator = torch.Generator().manual_seed(0)
+    probs = (torch.randn(1, 40, generator=generator) * 1.5).softmax(dim=-1)  # (1, V)
+    expected = nucleus_reference(probs, top_p)[0]
+    torch.manual_seed(0)
+    draws = cf.nucleus_sample(probs.expand(40_000, -1), top_p)
+    observed = torch.bincount(draws, minlength=probs.shape[1]).float() / draws.numel()
+    assert set(draws.tolist()) == set(expected.nonzero()[:, 0].tolist())
+    assert (observed - expected).abs().max() < 0.01
 
 
 def test_a_rerun_reproduces_and_another_seed_differs(model_dir, models):
