@@ -6,8 +6,9 @@ code); the 10 synthetic captions and the web caption are ranked by CLIP ViT-L/14
 the top two are kept, and each training step samples one of them.
 
 Throughput comes from batching across images: a batch of B images goes through the captioner's ViT once,
-each image's embeddings are shared by its 10 samples, and one `generate` call decodes all B*10 captions;
-the ranker encodes the B images once and all candidate texts of the batch in one text pass.
+each image's embeddings are shared by its 10 samples, and one cached decoding loop samples all B*10
+captions (with an O(V) nucleus sampler instead of a sort of the vocabulary per row and step); the ranker
+encodes the B images once and all candidate texts of the batch in one text pass.
 
 Per shard the result is a Parquet sidecar beside the image data (images are never rewritten), written
 atomically so that a killed run leaves nothing a re-run would trust.
@@ -178,6 +179,9 @@ class Captioner:
         self.processor = processor  # BlipProcessor
         self.cfg = cfg
         self.prompt_ids = self._prompt_ids()
+        # transformers 5 calls the decoder's KV cache argument `cache`; 4.x `past_key_values`.
+        forward_args = inspect.signature(model.text_decoder.forward).parameters
+        self.cache_arg = "cache" if "cache" in forward_args else "past_key_values"
 
     def _prompt_ids(self) -> torch.Tensor:
         # As BlipForConditionalGeneration.generate: [CLS] prompt [SEP] -> [DEC] prompt, shape (1, P).
@@ -228,19 +232,15 @@ class Captioner:
     def _decoder_step(
         self, input_ids: torch.Tensor, image_embeds: torch.Tensor, cache: Any
     ) -> tuple[Any, Any]:
-        decoder = self.model.text_decoder
-        # transformers 5 calls the KV cache `cache`; 4.x `past_key_values`.
-        cache_name = (
-            "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-        )
-        out = decoder(
+        """New tokens (R, t) -> last-position logits (R, V) in float32 and the updated KV cache."""
+        out = self.model.text_decoder(
             input_ids=input_ids,
             encoder_hidden_states=image_embeds,
             use_cache=True,
             return_dict=True,
-            **{cache_name: cache},
+            **{self.cache_arg: cache},
         )
-        return out.logits[:, -1].float(), getattr(out, cache_name)
+        return out.logits[:, -1].float(), getattr(out, self.cache_arg)
 
     def _process_logits(self, logits: torch.Tensor, tokens: torch.Tensor, eos: int) -> torch.Tensor:
         """(R, V) logits -> penalised, length-constrained, top-k filtered logits; `tokens` (R, T) so far."""
