@@ -87,6 +87,44 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_corpus_synth(args: argparse.Namespace) -> int:
+    from data_catalog.synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(
+        seed=args.seed,
+        n_pretrain=args.n_pretrain,
+        n_coco=args.n_coco,
+        n_vqa_images=args.n_vqa_images,
+        n_retrieval=args.n_retrieval,
+        image_size=args.image_size,
+    )
+    info = synthesize(args.out, cfg)
+    print(f"synthetic corpus at {info.root}")
+    for name, n in info.image_sets.items():
+        print(f"  {name:<16} {n:>6} images")
+    print(f"serve it with: python -m data_catalog.corpus_server {info.root}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import DemoParams, run_demo
+
+    overrides = {k: getattr(args, k) for k in ("seed", "n_pretrain", "home") if getattr(args, k) is not None}
+    return run_demo(DemoParams(**overrides))
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from blip2_core import hf_interop
+
+    if args.checkpoint_command == "import-hf":
+        hf_interop.import_hf(args.src, args.dst)
+        print(f"imported {args.src} -> {args.dst}")
+    else:
+        hf_interop.export_hf(args.src, args.dst)
+        print(f"exported {args.src} -> {args.dst} (loadable with transformers' from_pretrained)")
+    return 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from flows import catalog_views
 
@@ -115,6 +153,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download_options(p)
     _add_home(p)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("demo", help="the miniature replication, end to end, on the embedded default")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--n-pretrain", type=int, help="pretraining images of the synthetic corpus")
+    _add_home(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("corpus", help="the synthetic corpus")
+    csub = p.add_subparsers(dest="corpus_command", required=True, metavar="WHAT")
+    c = csub.add_parser(
+        "synth", help="render the synthetic corpus (manifests, COCO/VQA-format splits, images)"
+    )
+    c.add_argument("--out", type=Path, required=True, help="corpus folder")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--n-pretrain", type=int, default=5000)
+    c.add_argument("--n-coco", type=int, default=1000)
+    c.add_argument("--n-vqa-images", type=int, default=1000)
+    c.add_argument("--n-retrieval", type=int, default=1000)
+    c.add_argument("--image-size", type=int, default=128)
+    c.set_defaults(func=cmd_corpus_synth)
+
+    p = sub.add_parser("checkpoint", help="Hugging Face BLIP-2 format interop")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="WHAT")
+    for name, text in (
+        ("import-hf", "HF Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval -> ours"),
+        ("export-hf", "ours (imported) -> a folder transformers loads"),
+    ):
+        c = csub.add_parser(name, help=text)
+        c.add_argument("src", type=Path)
+        c.add_argument("dst", type=Path)
+    p.set_defaults(func=cmd_checkpoint)
 
     p = sub.add_parser("catalog", help="what the catalog knows: sources, shards, runs, metrics")
     csub = p.add_subparsers(dest="catalog_command", required=True, metavar="WHAT")

@@ -103,15 +103,15 @@ def files_fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def manifest_info(parts: list[Path]) -> tuple[int, list[str]]:
-    """Row count and the extra columns to carry into the shards."""
+def manifest_info(parts: list[Path]) -> tuple[list[int], list[str]]:
+    """Row count of each part and the extra columns to carry into the shards."""
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(parts[0])
     missing = [c for c in _MANIFEST_CORE_COLUMNS if c not in schema.names]
     if missing:
         raise ValueError(f"manifest {parts[0]} lacks column(s) {missing}; it has {schema.names}")
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    rows = [pq_rows(p) for p in parts]
     extra = [c for c in schema.names if c not in _MANIFEST_CORE_COLUMNS]
     return rows, extra
 
@@ -208,13 +208,15 @@ def run_downloader(kwargs: dict, max_pixels: int, log_path: Path, on_poll: Calla
 
 @task(name="prepare-manifest")
 def prepare_manifest(params: IngestParams, home: str) -> dict:
-    """Validate the raw inputs into var/manifests/<source> (skipped when they have not changed)."""
+    """Validate the raw inputs into a candidate manifest beside var/manifests/<source>.
+
+    Nothing is replaced here: the flow first checks that the candidate agrees with the shards already
+    on disk, then `commit_manifest` swaps it in. Unchanged inputs are not validated again.
+    """
     from data_catalog.adapters import ManifestOptions, build_manifest
 
-    logger = get_run_logger()
     layout = Layout(Path(home))
     out_dir = layout.manifests(params.source)
-    marker = out_dir.with_name(f"{params.source}.inputs.json")
     inputs = [Path(p).resolve() for p in params.inputs]
     stamp = {
         "format": params.format,
@@ -224,35 +226,76 @@ def prepare_manifest(params: IngestParams, home: str) -> dict:
         "base_url": params.base_url,
         "splits": params.splits,
     }
+    marker = _inputs_marker(out_dir)
     if out_dir.is_dir() and marker.exists() and json.loads(marker.read_text()) == stamp:
-        logger.info("manifest of %s is up to date with its inputs: not rebuilt", params.source)
-        return {"rebuilt": False}
+        get_run_logger().info("manifest of %s is up to date with its inputs: not rebuilt", params.source)
+        return {"manifest_dir": str(out_dir), "candidate": None}
+    candidate = out_dir.with_name(f".candidate-{params.source}")
     options = ManifestOptions(allow_local=params.allow_local, base_url=params.base_url, splits=params.splits)
-    report = build_manifest(params.format, inputs, out_dir, options=options)
-    atomic_write_text(marker, json.dumps(stamp))
-    with catalog_session(layout) as cat:
-        cat.upsert_source(params.source, params.format, str(out_dir), report.n_out, report.dropped)
-    logger.info(
+    report = build_manifest(params.format, inputs, candidate, options=options)
+    get_run_logger().info(
         "manifest %s: %d of %d rows kept, dropped %s",
         params.source,
         report.n_out,
         report.n_in,
         report.dropped or "none",
     )
-    return {"rebuilt": True}
+    return {
+        "manifest_dir": str(candidate),
+        "candidate": {"stamp": stamp, "n_urls": report.n_out, "dropped": report.dropped},
+    }
+
+
+def _inputs_marker(manifest_dir: Path) -> Path:
+    return manifest_dir.with_name(f"{manifest_dir.name}.inputs.json")
+
+
+def commit_manifest(cat: Catalog, params: IngestParams, layout: Layout, prepared: dict) -> Path:
+    """Swap a validated candidate manifest into var/manifests/<source> and record the source."""
+    out_dir = layout.manifests(params.source)
+    candidate = prepared["candidate"]
+    if candidate is not None:
+        old = out_dir.with_name(f".old-{params.source}")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(prepared["manifest_dir"], out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(_inputs_marker(out_dir), json.dumps(candidate["stamp"]))
+        cat.upsert_source(
+            params.source, params.format, str(out_dir), candidate["n_urls"], candidate["dropped"]
+        )
+    elif params.source not in {s.name for s in cat.sources()}:
+        rows = sum(pq_rows(p) for p in manifest_parts(out_dir))
+        cat.upsert_source(params.source, "manifest", str(out_dir), rows, {})
+    return out_dir
+
+
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 @task(name="download-shards")
-def download_shards(params: IngestParams, home: str, parts: list[str], n_urls: int, extra: list[str]) -> dict:
+def download_shards(
+    params: IngestParams, home: str, parts: list[str], part_rows: list[int], extra: list[str]
+) -> dict:
     """img2dataset over the manifest; every finished shard is registered as soon as it appears."""
     logger = get_run_logger()
     layout = Layout(Path(home))
     shard_dir = layout.shards(params.source)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    expected = max(1, math.ceil(n_urls / params.download.samples_per_shard))
+    # img2dataset cuts each manifest part into shards of its own.
+    expected = sum(math.ceil(n / params.download.samples_per_shard) for n in part_rows)
     with catalog_session(layout) as cat:
         known = {s.shard for s in cat.shards(params.source)}
     skipped = len(known)
+    if len(known) >= expected:
+        logger.info(
+            "all %d shards of %s are downloaded and registered: nothing to do", expected, params.source
+        )
+        return {"downloaded": 0, "skipped": skipped, "quarantined": 0}
     stats = {"registered": [], "quarantined": []}
     progress_id = create_progress_artifact(
         progress=100.0 * len(known) / expected,
@@ -346,27 +389,27 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
     layout = layout_for(params.home)
     shard_dir = layout.shards(params.source)
     with source_lock(shard_dir):
+        prepared = {"manifest_dir": str(layout.manifests(params.source)), "candidate": None}
         if params.inputs:
-            prepare_manifest(params, str(layout.home))
-        parts = manifest_parts(layout.manifests(params.source))
-        n_urls, extra = manifest_info(parts)
+            prepared = prepare_manifest(params, str(layout.home))
+        parts = manifest_parts(Path(prepared["manifest_dir"]))
         config_hash = ingest_config_hash(files_fingerprint(parts), params.download)
         recover_interrupted_retries(shard_dir)
         with catalog_session(layout) as cat:
             _refuse_changed_config(cat, params.source, config_hash)
-            if params.source not in {s.name for s in cat.sources()}:
-                cat.upsert_source(params.source, "manifest", str(parts[0].parent), n_urls, {})
+            parts = manifest_parts(commit_manifest(cat, params, layout, prepared))
+            part_rows, extra = manifest_info(parts)
             run_id = cat.start_run("ingest", config_hash, _jsonable(params), flow_run_id())
         logger.info(
             "ingest %s: %d URLs from %d manifest part(s) -> %s (run %s)",
             params.source,
-            n_urls,
+            sum(part_rows),
             len(parts),
             shard_dir,
             run_id,
         )
         try:
-            got = download_shards(params, str(layout.home), [str(p) for p in parts], n_urls, extra)
+            got = download_shards(params, str(layout.home), [str(p) for p in parts], part_rows, extra)
             retry = retry_failed_urls(params, str(layout.home)) if params.retry_failed else {}
         except BaseException as err:
             with catalog_session(layout) as cat:
