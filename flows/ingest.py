@@ -320,7 +320,10 @@ def download_shards(
             update_progress_artifact(progress_id, progress=min(100.0, 100.0 * len(known) / expected))
 
     manifest_arg = parts[0] if len(parts) == 1 else str(Path(parts[0]).parent)
-    kwargs = img2dataset_kwargs(Path(manifest_arg), shard_dir, params.download, extra)
+    # Each pool process costs seconds of start-up (OpenCV, albumentations): no more than there are shards.
+    pending = expected - len(known)
+    opts = params.download.model_copy(update={"processes": max(1, min(params.download.processes, pending))})
+    kwargs = img2dataset_kwargs(Path(manifest_arg), shard_dir, opts, extra)
     log_path = shard_dir / "_logs" / "img2dataset.log"
     # A quarantined shard is re-downloaded by a second pass: img2dataset skips every finished one.
     for attempt in range(2):
