@@ -39,7 +39,8 @@ def register_open_clip_configs() -> None:
 def create_clip(model_name: str, quick_gelu: bool = False, device: str | torch.device = "cpu") -> nn.Module:
     """A randomly initialised open_clip CLIP model (both towers); never touches the network."""
     register_open_clip_configs()
-    return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu, device=device)
+    with torch.device(device):  # on "meta", allocate nothing (building on CPU first takes ~45 s for ViT-g)
+        return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu, device=device)
 
 
 def load_open_clip_weights(visual: nn.Module, path: str | Path) -> None:
