@@ -11,6 +11,14 @@ from blip2_core.metrics.caption import (
     load_nocaps,
     nocaps_scores,
 )
+from blip2_core.metrics.retrieval import (
+    RetrievalGroundTruth,
+    RetrievalScores,
+    load_retrieval_gt,
+    merge_rank_scores,
+    recall_at_k,
+    rerank_with_itm,
+)
 from blip2_core.metrics.vqa import (
     VQAAnnotation,
     VQAScores,
@@ -26,6 +34,8 @@ from blip2_core.metrics.vqa import (
 __all__ = [
     "CaptionScores",
     "NoCapsScores",
+    "RetrievalGroundTruth",
+    "RetrievalScores",
     "VQAAnnotation",
     "VQAScores",
     "caption_scores",
@@ -37,9 +47,13 @@ __all__ = [
     "load_coco_results",
     "load_gqa",
     "load_nocaps",
+    "load_retrieval_gt",
     "load_vqa_annotations",
     "load_vqa_results",
+    "merge_rank_scores",
     "nocaps_scores",
     "normalize_answer",
+    "recall_at_k",
+    "rerank_with_itm",
     "vqa_accuracy",
 ]
