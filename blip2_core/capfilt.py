@@ -450,7 +450,7 @@ def rank_candidates(
 
 # ----------------------------------------------------------------------------------------------- running
 
-Sample = tuple[str, Image.Image | bytes, str]  # (key, image or its encoded bytes, web caption)
+Sample = tuple[str, Image.Image | bytes | None, str]  # (key, image or its encoded bytes, web caption)
 
 
 def decode_image(image: Image.Image | bytes | None) -> Image.Image:
