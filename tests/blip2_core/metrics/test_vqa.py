@@ -195,3 +195,12 @@ def test_vqa_file_errors_name_file_and_id(tmp_path):
     one_question, _ = _write_vqa(tmp_path / "one", qids=(1,))
     with pytest.raises(ValueError, match=r"one/questions\.json.*no question for question_id 2"):
         load_vqa_annotations(one_question, a_path)
+
+
+def test_duplicate_annotation_is_an_error(tmp_path):
+    q_path, a_path = _write_vqa(tmp_path)
+    data = json.loads(a_path.read_text())
+    data["annotations"].append(data["annotations"][0])
+    a_path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotations\.json: duplicate question_id 1"):
+        load_vqa_annotations(q_path, a_path)
