@@ -3,15 +3,11 @@
 Every SQL statement of the project lives in this package.
 """
 
-from data_catalog.catalog import (
-    Catalog,
-    CatalogError,
-    CatalogLockedError,
-    CatalogVersionError,
-    ShardIntegrityError,
-)
+from data_catalog.catalog import Catalog
+from data_catalog.errors import CatalogError, CatalogLockedError, CatalogVersionError, ShardIntegrityError
 from data_catalog.failures import FAILURE_PATTERNS, REASONS, classify_error
 from data_catalog.records import (
+    CAPFILT_STAGE,
     CapfiltScoreStats,
     CatalogSummary,
     CheckpointRecord,
@@ -27,6 +23,7 @@ from data_catalog.records import (
 )
 
 __all__ = [
+    "CAPFILT_STAGE",
     "FAILURE_PATTERNS",
     "REASONS",
     "CapfiltScoreStats",

@@ -2,7 +2,9 @@
 
 One process writes the catalog at a time (DuckDB locks the file); `Catalog.open` waits for the lock up
 to `timeout_s`. Per-sample data stays in Parquet (img2dataset's per-shard files, CapFilt sidecars) and is
-read on demand with `read_parquet`, so the catalog file stays small at 129M samples.
+read on demand with `read_parquet`, so the catalog file stays small at 129M samples; only the files of
+registered shards and finished CapFilt shards are read. Checking a shard's files before it is registered
+is `shard_files.py`'s job; this module holds the SQL.
 
 The schema is versioned: `migrations/NNNN_name.sql` files, applied in order, in one transaction, when
 an older catalog is opened; `schema_version` records which ones a file has.
@@ -11,11 +13,8 @@ an older catalog is opened; `schema_version` records which ones a file has.
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
 import json
 import re
-import tarfile
 import threading
 import time
 import uuid
@@ -23,13 +22,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import duckdb
 
+from data_catalog.errors import CatalogError, CatalogLockedError, CatalogVersionError
+from data_catalog.errors import ShardIntegrityError as ShardIntegrityError  # re-exported
 from data_catalog.failures import failure_reason_macro_sql
 from data_catalog.layout import Layout
 from data_catalog.records import (
+    CAPFILT_STAGE,
     FINAL_RUN_STATUSES,
     SHARD_STATUSES,
     CapfiltScoreStats,
@@ -45,6 +47,7 @@ from data_catalog.records import (
     StageRunRecord,
     StageSummary,
 )
+from data_catalog.shard_files import VerifiedShard, shard_parquet_path, verify_img2dataset_shard
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -54,23 +57,6 @@ _LOCK_ERROR = "Could not set lock on file"
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
 _MIGRATION_NAME = re.compile(r"^(?P<version>\d{4})_[a-z0-9_]+\.sql$")
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_IMG2DATASET_COLUMNS = ("key", "status", "error_message")
-
-
-class CatalogError(Exception):
-    """Base of every error the catalog raises on purpose."""
-
-
-class CatalogVersionError(CatalogError):
-    """The catalog file's schema version does not match this code."""
-
-
-class CatalogLockedError(CatalogError):
-    """Another process held the catalog file for longer than the open timeout."""
-
-
-class ShardIntegrityError(CatalogError):
-    """A shard's tar, Parquet and stats files disagree, or one of them is missing or unreadable."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,115 +172,10 @@ def _locked_message(path: Path, duckdb_message: str, timeout_s: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading an img2dataset shard
+# Writing a verified shard
 
 
-@dataclass(frozen=True)
-class _TarScan:
-    keys: frozenset[str]
-    sha256: str
-    bytes: int
-
-
-class _HashingReader:
-    """A file wrapper that hashes every byte read, so a tar is checksummed in the same pass that lists it."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self.digest = hashlib.sha256()
-        self.bytes_read = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        self.digest.update(data)
-        self.bytes_read += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def _sample_key(member_name: str) -> str:
-    # WebDataset's rule: a sample's key is the member path up to the first dot of its file name.
-    folder, _, name = member_name.rpartition("/")
-    stem = name.split(".", 1)[0]
-    return f"{folder}/{stem}" if folder else stem
-
-
-def _scan_tar(tar_path: Path) -> _TarScan:
-    with open(tar_path, "rb") as raw:
-        reader = _HashingReader(raw)
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                keys = frozenset(_sample_key(member.name) for member in tar if member.isfile())
-        except tarfile.TarError as err:
-            raise ShardIntegrityError(f"shard tar {tar_path} is not a readable tar file: {err}") from err
-        reader.drain()  # the zero padding after the end-of-archive marker is part of the checksum too
-    return _TarScan(keys, reader.digest.hexdigest(), reader.bytes_read)
-
-
-@dataclass(frozen=True)
-class _ParquetScan:
-    rows: int
-    success_keys: frozenset[str]
-    failures: dict[str, int]
-
-
-def _read_stats(stats_path: Path) -> dict[str, Any]:
-    try:
-        stats = json.loads(stats_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ShardIntegrityError(f"shard stats {stats_path} is unreadable: {err}") from err
-    missing = [k for k in ("count", "successes") if not isinstance(stats.get(k), int)]
-    if missing:
-        raise ShardIntegrityError(f"shard stats {stats_path} lacks integer field(s) {', '.join(missing)}")
-    return stats
-
-
-@dataclass(frozen=True)
-class _VerifiedShard:
-    """What registration records of a shard whose tar, Parquet and stats agree."""
-
-    shard: str
-    tar_path: Path
-    samples_ok: int
-    samples_failed: int
-    failures: dict[str, int]
-    bytes: int
-    sha256: str
-    download_s: float | None
-
-
-def _verify_shard(
-    tar_path: Path, scan: _TarScan, parquet: _ParquetScan, stats: dict[str, Any]
-) -> _VerifiedShard:
-    if scan.keys != parquet.success_keys:
-        only_tar = sorted(scan.keys - parquet.success_keys)[:5]
-        only_parquet = sorted(parquet.success_keys - scan.keys)[:5]
-        raise ShardIntegrityError(
-            f"shard {tar_path} holds {len(scan.keys)} samples but its Parquet lists "
-            f"{len(parquet.success_keys)} successes (in the tar only: {only_tar}; "
-            f"in the Parquet only: {only_parquet}); re-download the shard"
-        )
-    if stats["successes"] != len(parquet.success_keys) or stats["count"] != parquet.rows:
-        raise ShardIntegrityError(
-            f"shard {tar_path}: its _stats.json reports {stats['count']} samples and "
-            f"{stats['successes']} successes, its Parquet {parquet.rows} and {len(parquet.success_keys)}"
-        )
-    return _VerifiedShard(
-        shard=tar_path.stem,
-        tar_path=tar_path,
-        samples_ok=len(scan.keys),
-        samples_failed=parquet.rows - len(scan.keys),
-        failures=parquet.failures,
-        bytes=scan.bytes,
-        sha256=scan.sha256,
-        download_s=stats.get("duration"),
-    )
-
-
-def _write_shard(con: duckdb.DuckDBPyConnection, source: str, shard: _VerifiedShard) -> None:
+def _write_shard(con: duckdb.DuckDBPyConnection, source: str, shard: VerifiedShard) -> None:
     key = [source, shard.shard]
     previous = con.execute("SELECT sha256 FROM shards WHERE source = ? AND shard = ?", key).fetchone()
     if previous is not None and previous[0] != shard.sha256:
@@ -403,9 +284,25 @@ def _new_run_id(stage: str) -> str:
     return f"{stage}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
 
 
-def _parquet_files(pattern: Path) -> list[str]:
-    # atomic_path writes ".tmp-*" files beside finished ones; a half-written file must never be read.
-    return sorted(p for p in glob.glob(str(pattern)) if not Path(p).name.startswith(".tmp-"))
+@dataclass(frozen=True)
+class _SampleFile:
+    """A per-sample Parquet file the catalog vouches for, and the shard it belongs to."""
+
+    path: str
+    source: str
+    shard: str
+    config_hash: str = ""  # CapFilt sidecars only
+
+
+# The per-sample views read `samples` (every row of the chosen files, with `filename`) joined to `files`
+# (what each file belongs to) on `samples.filename = files.path`.
+_SAMPLE_FILES_CTE = """
+    WITH files AS (
+        SELECT unnest($paths) AS path, unnest($sources) AS source, unnest($shards) AS shard,
+               unnest($config_hashes) AS config_hash
+    ),
+    samples AS (SELECT * FROM read_parquet($paths, union_by_name = true, filename = true))
+"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -437,7 +334,8 @@ class Catalog:
         """Open the catalog at `path`, creating or migrating it; wait up to `timeout_s` for the lock."""
         path = Path(path).absolute()
         if read_only and not path.exists():
-            raise CatalogError(f"catalog {path} does not exist; it cannot be created read-only")
+            # Reading comes before any writer created the file (e.g. `blip2 catalog status` on a new home).
+            raise CatalogError(f"no catalog at {path}: run an ingest first (blip2 ingest ...)")
         path.parent.mkdir(parents=True, exist_ok=True)
         migrations = load_migrations(migrations_dir or MIGRATIONS_DIR)
         con = _connect(path, read_only, timeout_s)
@@ -530,6 +428,24 @@ class Catalog:
         )
         return [_source_record(row) for row in rows]
 
+    def delete_source(self, name: str) -> int:
+        """Forget a source: its row, its shards, their failures and stage statuses, in one transaction.
+
+        Files on disk are left alone, and so are stage runs (they are history). Returns how many shards
+        were forgotten. Meant for ingesting a source again under the same name.
+        """
+        with self._transaction() as con:
+            self._require_source(con, name)
+            (n_shards,) = con.execute("SELECT count(*) FROM shards WHERE source = ?", [name]).fetchone()
+            for table in ("shard_stage_status", "shard_failures", "shards"):
+                con.execute(f"DELETE FROM {table} WHERE source = ?", [name])
+            con.execute("DELETE FROM sources WHERE name = ?", [name])
+        return n_shards
+
+    def _require_source(self, con: duckdb.DuckDBPyConnection, name: str) -> None:
+        if con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone() is None:
+            raise CatalogError(f"unknown source {name!r} in catalog {self._path}; upsert_source() it first")
+
     # -- shards --------------------------------------------------------------------------------------
 
     def register_img2dataset_shard(self, source: str, tar_path: Path) -> ShardRecord:
@@ -538,43 +454,14 @@ class Catalog:
         Re-registering replaces the shard's row; if the tar's content changed, the shard's stage statuses
         are dropped too, because every output derived from the old content is stale.
         """
-        tar_path = Path(tar_path).absolute()
-        parquet_path = tar_path.with_suffix(".parquet")
-        stats_path = tar_path.with_name(f"{tar_path.stem}_stats.json")
-        if not self._fetch("SELECT 1 FROM sources WHERE name = $source", source=source):
-            raise CatalogError(f"unknown source {source!r} in catalog {self._path}; upsert_source() it first")
-        for required in (tar_path, parquet_path, stats_path):
-            if not required.is_file():
-                raise ShardIntegrityError(
-                    f"shard {tar_path.stem} of source {source!r}: missing file {required}"
-                )
-        scan = _scan_tar(tar_path)
-        parquet = self._scan_img2dataset_parquet(parquet_path)
-        verified = _verify_shard(tar_path, scan, parquet, _read_stats(stats_path))
+        with self._lock:
+            self._check_open()
+            self._require_source(self._con, source)  # before reading a large tar for nothing
+        verified = verify_img2dataset_shard(tar_path)  # outside the lock: other threads keep going
         with self._transaction() as con:
+            self._require_source(con, source)  # no foreign keys since migration 0002: checked here
             _write_shard(con, source, verified)
         return self.shard(source, verified.shard)
-
-    def _scan_img2dataset_parquet(self, parquet_path: Path) -> _ParquetScan:
-        try:
-            columns = {
-                row[0] for row in self._fetch("SELECT name FROM parquet_schema($p)", p=str(parquet_path))
-            }
-        except duckdb.Error as err:
-            raise ShardIntegrityError(f"shard Parquet {parquet_path} is unreadable: {err}") from err
-        missing = [c for c in _IMG2DATASET_COLUMNS if c not in columns]
-        if missing:
-            raise ShardIntegrityError(f"shard Parquet {parquet_path} lacks column(s) {', '.join(missing)}")
-        (rows, success_keys) = self._fetch(
-            "SELECT count(*), list(key) FILTER (WHERE status = 'success') FROM read_parquet($p)",
-            p=str(parquet_path),
-        )[0]
-        reasons = self._fetch(
-            "SELECT failure_reason(error_message), count(*) FROM read_parquet($p) "
-            "WHERE status IS DISTINCT FROM 'success' GROUP BY 1",
-            p=str(parquet_path),
-        )
-        return _ParquetScan(rows, frozenset(success_keys or ()), dict(reasons))
 
     def shards(self, source: str | None = None) -> list[ShardRecord]:
         rows = self._fetch(
@@ -599,16 +486,20 @@ class Catalog:
         return dict(rows)
 
     # -- per-sample views over Parquet ---------------------------------------------------------------
+    # Only files the catalog vouches for are read, never a glob of the data folders: img2dataset writes a
+    # shard's Parquet in place while it downloads, and flows/ingest.py keeps quarantined shards and retry
+    # staging under the shard folders. A shard's Parquet is read once the shard is registered (its three
+    # files were verified to agree); a CapFilt sidecar once its shard is 'done' for that config hash (the
+    # flow sets it after the sidecar is renamed into place). Either way a half-written file, a shard
+    # still downloading and a sidecar of an older download of a shard (re-registering new bytes drops
+    # the shard's stage statuses) are never counted.
 
     def sample_status_counts(self, source: str | None = None) -> dict[str, dict[str, int]]:
-        """{source: {img2dataset status: samples}} read from every shard Parquet under the layout."""
-        files = _parquet_files(self.layout.shards(glob.escape(source) if source else "*") / "*.parquet")
-        if not files:
-            return {}
-        rows = self._read_parquet_rows(
-            "SELECT parse_filename(parse_dirpath(filename)) AS source, status, count(*) "
-            "FROM read_parquet($files, union_by_name = true, filename = true) GROUP BY ALL ORDER BY ALL",
-            files,
+        """{source: {img2dataset status: samples}} over the Parquet files of registered shards."""
+        rows = self._query_sample_files(
+            "SELECT f.source, s.status, count(*) FROM samples AS s JOIN files AS f ON s.filename = f.path "
+            "GROUP BY ALL ORDER BY ALL",
+            self._registered_shard_files(source),
         )
         counts: dict[str, dict[str, int]] = {}
         for source_name, status, n in rows:
@@ -616,49 +507,86 @@ class Catalog:
         return counts
 
     def failed_samples(self, source: str, shard: str | None = None) -> list[FailedSample]:
-        """Every sample of `source` (or of one shard) that img2dataset failed to download or decode."""
-        folder = self.layout.shards(glob.escape(source))
-        files = _parquet_files(folder / f"{glob.escape(shard) if shard else '*'}.parquet")
-        if not files:
-            return []
-        rows = self._read_parquet_rows(
-            "SELECT parse_filename(filename, true), key, url, caption, status, "
-            "failure_reason(error_message), error_message "
-            "FROM read_parquet($files, union_by_name = true, filename = true) "
-            "WHERE status IS DISTINCT FROM 'success' ORDER BY ALL",
+        """Every sample of `source` (or of one registered shard) that img2dataset failed to download."""
+        files = [f for f in self._registered_shard_files(source) if shard is None or f.shard == shard]
+        rows = self._query_sample_files(
+            "SELECT f.source, f.shard, s.key, s.url, s.caption, s.status, "
+            "failure_reason(s.error_message), s.error_message "
+            "FROM samples AS s JOIN files AS f ON s.filename = f.path "
+            "WHERE s.status IS DISTINCT FROM 'success' ORDER BY ALL",
             files,
         )
-        return [FailedSample(source, *row) for row in rows]
+        return [FailedSample(*row) for row in rows]
 
     def capfilt_score_stats(self, config_hash: str | None = None) -> list[CapfiltScoreStats]:
         """Per CapFilt config: the top-1 CLIP score distribution and how often the web caption is kept."""
-        pattern = self.layout.capfilt(glob.escape(config_hash) if config_hash else "*", "*") / "*.parquet"
-        files = _parquet_files(pattern)
-        if not files:
-            return []
         # The web caption is kept when it is one of the two captions CapFilt kept; comparing the text does
         # not depend on whether web_caption_rank counts from 0 or 1.
-        rows = self._read_parquet_rows(
+        rows = self._query_sample_files(
             """
-            SELECT parse_filename(parse_dirpath(parse_dirpath(filename))) AS config_hash,
-                   count(*) FILTER (WHERE error IS NULL),
-                   count(*) FILTER (WHERE error IS NOT NULL),
-                   avg(top1_score) FILTER (WHERE error IS NULL),
-                   quantile_cont(top1_score, [0.1, 0.5, 0.9]) FILTER (WHERE error IS NULL),
-                   avg(coalesce(web_caption IN (top1, top2), false)::INTEGER) FILTER (WHERE error IS NULL)
-            FROM read_parquet($files, union_by_name = true, filename = true)
+            SELECT f.config_hash,
+                   count(*) FILTER (WHERE s.error IS NULL),
+                   count(*) FILTER (WHERE s.error IS NOT NULL),
+                   avg(s.top1_score) FILTER (WHERE s.error IS NULL),
+                   quantile_cont(s.top1_score, [0.1, 0.5, 0.9]) FILTER (WHERE s.error IS NULL),
+                   avg(coalesce(s.web_caption IN (s.top1, s.top2), false)::INTEGER)
+                       FILTER (WHERE s.error IS NULL)
+            FROM samples AS s JOIN files AS f ON s.filename = f.path
             GROUP BY 1 ORDER BY 1
             """,
-            files,
+            self._done_capfilt_sidecars(config_hash),
         )
         return [_capfilt_stats(row) for row in rows]
 
-    def _read_parquet_rows(self, sql: str, files: list[str]) -> list[tuple]:
+    def _registered_shard_files(self, source: str | None) -> list[_SampleFile]:
+        rows = self._fetch(
+            "SELECT source, shard, tar_path FROM shards WHERE $source IS NULL OR source = $source "
+            "ORDER BY source, shard",
+            source=source,
+        )
+        files = [_SampleFile(str(shard_parquet_path(Path(tar))), src, shard) for src, shard, tar in rows]
+        for f in files:
+            if not Path(f.path).is_file():
+                raise CatalogError(
+                    f"shard {f.source}/{f.shard} is registered but its Parquet {f.path} is missing; "
+                    f"ingest the source again, or delete_source({f.source!r}) to forget its shards"
+                )
+        return files
+
+    def _done_capfilt_sidecars(self, config_hash: str | None) -> list[_SampleFile]:
+        rows = self._fetch(
+            "SELECT config_hash, source, shard FROM shard_stage_status WHERE stage = $stage "
+            "AND status = 'done' AND ($config_hash IS NULL OR config_hash = $config_hash) ORDER BY ALL",
+            stage=CAPFILT_STAGE,
+            config_hash=config_hash,
+        )
+        files = [
+            _SampleFile(str(self.layout.capfilt_sidecar(h, source, shard)), source, shard, h)
+            for h, source, shard in rows
+        ]
+        for f in files:
+            if not Path(f.path).is_file():
+                raise CatalogError(
+                    f"CapFilt config {f.config_hash} is done for shard {f.source}/{f.shard}, but its "
+                    f"sidecar {f.path} is missing; reset_shard_status() the shard to run it again"
+                )
+        return files
+
+    def _query_sample_files(self, sql: str, files: list[_SampleFile]) -> list[tuple]:
+        """Run a view over `samples` joined to `files` (see _SAMPLE_FILES_CTE); no files, no rows."""
+        if not files:
+            return []
         try:
-            return self._fetch(sql, files=files)
+            return self._fetch(
+                _SAMPLE_FILES_CTE + sql,
+                paths=[f.path for f in files],
+                sources=[f.source for f in files],
+                shards=[f.shard for f in files],
+                config_hashes=[f.config_hash for f in files],
+            )
         except duckdb.Error as err:
             raise CatalogError(
-                f"cannot query Parquet files ({files[0]} and {len(files) - 1} more): {err}"
+                f"cannot query Parquet files ({files[0].path} and {len(files) - 1} more): {err}"
             ) from err
 
     # -- stage runs ----------------------------------------------------------------------------------

@@ -29,11 +29,23 @@ class Layout:
     def manifests(self, source: str) -> Path:
         return self.home / "manifests" / source
 
+    @property
+    def shards_root(self) -> Path:
+        return self.home / "shards"
+
+    @property
+    def capfilt_root(self) -> Path:
+        return self.home / "capfilt"
+
     def shards(self, source: str) -> Path:
-        return self.home / "shards" / source
+        return self.shards_root / source
 
     def capfilt(self, config_hash: str, source: str) -> Path:
-        return self.home / "capfilt" / config_hash / source
+        return self.capfilt_root / config_hash / source
+
+    def capfilt_sidecar(self, config_hash: str, source: str, shard: str) -> Path:
+        """One shard's CapFilt output: key, web caption, candidates, CLIP scores, ranked top-2."""
+        return self.capfilt(config_hash, source) / f"{shard}.parquet"
 
     def run_dir(self, stage: str, run_id: str) -> Path:
         return self.home / "runs" / stage / run_id

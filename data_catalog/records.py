@@ -10,6 +10,8 @@ from typing import Any
 RUN_STATUSES: tuple[str, ...] = ("running", "done", "failed", "cancelled")
 FINAL_RUN_STATUSES: tuple[str, ...] = ("done", "failed", "cancelled")
 SHARD_STATUSES: tuple[str, ...] = ("pending", "running", "done", "failed")
+# The stage name under which CapFilt records per-shard progress; its 'done' shards have a sidecar.
+CAPFILT_STAGE = "capfilt"
 
 
 @dataclass(frozen=True)

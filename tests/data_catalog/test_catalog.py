@@ -4,23 +4,20 @@ import math
 from pathlib import Path
 
 import pytest
-from test_catalog_shards import SAMPLES, expected_failures, write_img2dataset_shard
 
 from data_catalog import Catalog, CatalogError
 from data_catalog.records import StageRunRecord
 
 
 @pytest.fixture
-def catalog(tmp_path):
-    with Catalog.open(tmp_path / "catalog.duckdb") as cat:
-        yield cat
+def register_shards(catalog, shard_maker):
+    def register(source, n_shards):
+        """Create `source` and register tiny img2dataset shards 00000, 00001, ... of it."""
+        catalog.upsert_source(source, "web", f"/manifests/{source}", 100, {})
+        for i in range(n_shards):
+            shard_maker.register(catalog, source, i)
 
-
-def _register_shards(catalog, source, n_shards):
-    """Register tiny img2dataset shards 00000, 00001, ... of `source`."""
-    catalog.upsert_source(source, "web", f"/manifests/{source}", 100, {})
-    for i in range(n_shards):
-        catalog.register_img2dataset_shard(source, write_img2dataset_shard(catalog.layout.shards(source), i))
+    return register
 
 
 def test_home_is_the_catalogs_folder(tmp_path, catalog):
@@ -83,9 +80,9 @@ def test_start_run_rejects_bad_input(catalog):
     assert catalog.runs() == []
 
 
-def test_shard_status_pending_and_reset(catalog):
-    _register_shards(catalog, "cc3m", 3)
-    _register_shards(catalog, "sbu", 1)
+def test_shard_status_pending_and_reset(catalog, register_shards):
+    register_shards("cc3m", 3)
+    register_shards("sbu", 1)
     run = catalog.start_run("capfilt", "h1", {})
     catalog.set_shard_status("capfilt", "h1", "cc3m", "00000", "done", run, output_path="/o/00000.parquet")
     catalog.set_shard_status("capfilt", "h1", "cc3m", "00001", "failed", run, error="OOM")
@@ -115,8 +112,8 @@ def test_shard_status_pending_and_reset(catalog):
     assert len(catalog.shard_statuses("capfilt", "other-hash")) == 1
 
 
-def test_set_shard_status_validates(catalog):
-    _register_shards(catalog, "cc3m", 1)
+def test_set_shard_status_validates(catalog, register_shards):
+    register_shards("cc3m", 1)
     run = catalog.start_run("capfilt", "h1", {})
     with pytest.raises(ValueError, match="status of shard cc3m/00000 .* got 'ok'"):
         catalog.set_shard_status("capfilt", "h1", "cc3m", "00000", "ok", run)
@@ -172,18 +169,19 @@ def test_eval_results_round_trip(catalog):
         catalog.record_eval(run, "vqa", "vqav2-val", {})
 
 
-def test_status_summary_per_source_and_stage(catalog):
-    _register_shards(catalog, "cc3m", 2)
+def test_status_summary_per_source_and_stage(catalog, register_shards, shard_maker):
+    register_shards("cc3m", 2)
     catalog.upsert_source("coco", "coco", "/m/coco", 0, {})
     run = catalog.start_run("capfilt", "h1", {})
     catalog.set_shard_status("capfilt", "h1", "cc3m", "00000", "done", run)
 
     summary = catalog.status_summary()
     sources = {s.name: s for s in summary.sources}
-    n_ok = sum(status == "success" for status, _ in SAMPLES)
+    samples = shard_maker.samples
+    n_ok = sum(status == "success" for status, _ in samples)
     assert (sources["cc3m"].shards, sources["cc3m"].samples_ok) == (2, 2 * n_ok)
-    assert sources["cc3m"].samples_failed == 2 * (len(SAMPLES) - n_ok)
-    assert sources["cc3m"].failures == {k: 2 * v for k, v in expected_failures(SAMPLES).items()}
+    assert sources["cc3m"].samples_failed == 2 * (len(samples) - n_ok)
+    assert sources["cc3m"].failures == {k: 2 * v for k, v in shard_maker.expected_failures().items()}
     assert (sources["coco"].shards, sources["coco"].samples_ok, sources["coco"].failures) == (0, 0, {})
     [stage] = summary.stages
     assert (stage.stage, stage.config_hash, stage.done, stage.running, stage.failed, stage.pending) == (
@@ -211,3 +209,62 @@ def test_closed_catalog_says_so(catalog):
     catalog.close()  # closing twice is harmless
     with pytest.raises(CatalogError, match="is closed"):
         catalog.sources()
+
+
+def test_delete_source_forgets_its_rows_and_leaves_files_and_others(catalog, register_shards):
+    register_shards("cc3m", 2)
+    register_shards("sbu", 1)
+    run = catalog.start_run("capfilt", "h1", {})
+    catalog.set_shard_status("capfilt", "h1", "cc3m", "00000", "done", run)
+    catalog.set_shard_status("capfilt", "h1", "sbu", "00000", "done", run)
+    files = sorted(p for p in catalog.layout.shards("cc3m").iterdir())
+    sbu_before = (catalog.shards("sbu"), catalog.shard_statuses("capfilt", "h1", "sbu"))
+
+    assert catalog.delete_source("cc3m") == 2
+    assert [s.name for s in catalog.sources()] == ["sbu"]
+    assert catalog.shards("cc3m") == []
+    assert catalog.shard_statuses("capfilt", "h1", "cc3m") == []
+    assert catalog.failures_by_reason("cc3m") == {}
+    assert catalog.sample_status_counts("cc3m") == {}
+    assert (catalog.shards("sbu"), catalog.shard_statuses("capfilt", "h1", "sbu")) == sbu_before
+    assert [r.run_id for r in catalog.runs()] == [run]  # history stays
+    assert sorted(catalog.layout.shards("cc3m").iterdir()) == files
+
+    # The same name can be ingested again: the source and its shards register afresh.
+    register_shards("cc3m", 1)
+    assert [s.shard for s in catalog.shards("cc3m")] == ["00000"]
+    assert catalog.pending_shards("capfilt", "h1", "cc3m")[0].shard == "00000"
+
+
+def test_delete_source_is_all_or_nothing(catalog, register_shards, monkeypatch):
+    register_shards("cc3m", 1)
+    before = (catalog.sources(), catalog.shards(), catalog.failures_by_reason())
+    with pytest.raises(CatalogError, match="unknown source 'laion'"):
+        catalog.delete_source("laion")
+    # A failure after some rows are gone rolls every deletion back.
+    real_require = catalog._require_source
+    calls = []
+
+    def fail_late(con, name):
+        real_require(con, name)
+        con.execute("DELETE FROM shards WHERE source = ?", [name])
+        calls.append(name)
+        raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(catalog, "_require_source", fail_late)
+    with pytest.raises(RuntimeError, match="killed mid-way"):
+        catalog.delete_source("cc3m")
+    monkeypatch.undo()
+    assert calls == ["cc3m"]
+    assert (catalog.sources(), catalog.shards(), catalog.failures_by_reason()) == before
+
+
+def test_delete_source_needs_a_writable_catalog(tmp_path, shard_maker):
+    path = tmp_path / "catalog.duckdb"
+    with Catalog.open(path) as catalog:
+        catalog.upsert_source("cc3m", "web", "/m", 1, {})
+        shard_maker.register(catalog, "cc3m", 0)
+    with Catalog.open(path, read_only=True) as catalog:
+        with pytest.raises(CatalogError, match="opened read-only"):
+            catalog.delete_source("cc3m")
+        assert len(catalog.shards("cc3m")) == 1

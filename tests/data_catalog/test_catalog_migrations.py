@@ -104,6 +104,25 @@ def test_migration_files_must_be_numbered_without_gaps(tmp_path, v1_dir):
         load_migrations(badly_named)
 
 
-def test_read_only_open_of_a_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(CatalogError, match="does not exist"):
-        Catalog.open(tmp_path / "nowhere.duckdb", read_only=True)
+def test_read_only_open_of_a_missing_file_says_to_ingest_first(tmp_path):
+    path = tmp_path / "home" / "catalog.duckdb"
+    with pytest.raises(CatalogError) as err:
+        Catalog.open(path, read_only=True)
+    assert str(err.value) == f"no catalog at {path}: run an ingest first (blip2 ingest ...)"
+    assert not path.parent.exists()  # reading creates nothing
+
+
+def test_upgrade_to_shards_without_foreign_keys_keeps_shard_rows(tmp_path, v1_dir, shard_maker):
+    path = tmp_path / "catalog.duckdb"
+    with Catalog.open(path, migrations_dir=v1_dir) as catalog:
+        catalog.upsert_source("cc3m", "web", "/m", 8, {})
+        shard_maker.register(catalog, "cc3m", 0)
+        run = catalog.start_run("capfilt", "h", {})
+        catalog.set_shard_status("capfilt", "h", "cc3m", "00000", "done", run)
+        before = (catalog.shards(), catalog.shard_statuses("capfilt", "h"), catalog.failures_by_reason())
+    with Catalog.open(path) as catalog:
+        assert catalog.schema_version == SHIPPED[-1].version >= 2
+        after = (catalog.shards(), catalog.shard_statuses("capfilt", "h"), catalog.failures_by_reason())
+        assert after == before
+        assert catalog.delete_source("cc3m") == 1  # what the foreign keys prevented in one transaction
+        assert (catalog.sources(), catalog.shards(), catalog.shard_statuses("capfilt", "h")) == ([], [], [])
