@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_catalog import Catalog
+from data_catalog import Catalog, CatalogVersionError
 from data_catalog.layout import Layout, blip2_home
 
 # Flows open the catalog for short sessions, so `blip2 catalog status` in another shell gets a turn.
@@ -22,8 +22,16 @@ def layout_for(home: Path | None) -> Layout:
 
 @contextlib.contextmanager
 def catalog_session(layout: Layout, read_only: bool = False) -> Iterator[Catalog]:
+    """A short catalog session; a reader that finds an older schema upgrades it first."""
     layout.home.mkdir(parents=True, exist_ok=True)
-    with Catalog.open(layout.catalog, read_only=read_only, timeout_s=CATALOG_TIMEOUT_S) as cat:
+    try:
+        cat = Catalog.open(layout.catalog, read_only=read_only, timeout_s=CATALOG_TIMEOUT_S)
+    except CatalogVersionError:
+        if not read_only:
+            raise
+        Catalog.open(layout.catalog, timeout_s=CATALOG_TIMEOUT_S).close()  # applies the migrations
+        cat = Catalog.open(layout.catalog, read_only=True, timeout_s=CATALOG_TIMEOUT_S)
+    with cat:
         yield cat
 
 

@@ -471,5 +471,5 @@ def _refuse_changed_config(cat: Catalog, source: str, config_hash: str) -> None:
         raise CatalogError(
             f"source {source!r} already has shards from ingest config {previous[-1].config_hash} (run "
             f"{previous[-1].run_id}); this manifest or these download options give {config_hash}. "
-            f"Ingest it under a new source name, or move var/shards/{source} away first."
+            "Ingest it under a new source name; the existing shards stay as they are."
         )
