@@ -17,7 +17,6 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch first: the pinned CUDA wheel lies on local disk on these machines.
 	$(BIN)/pip install -q -c $(LOCK) torch torchvision
 	$(BIN)/pip install -q -c $(LOCK) -e '.[dev,ray]'

@@ -224,7 +224,7 @@ def prepare_manifest(params: IngestParams, home: str) -> dict:
         "fingerprint": files_fingerprint(inputs),
         "allow_local": params.allow_local,
         "base_url": params.base_url,
-        "splits": params.splits,
+        "splits": list(params.splits) if params.splits else None,  # as JSON reads it back
     }
     marker = _inputs_marker(out_dir)
     if out_dir.is_dir() and marker.exists() and json.loads(marker.read_text()) == stamp:

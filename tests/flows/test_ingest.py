@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_catalog import Catalog
+from data_catalog import Catalog, CatalogError
 from data_catalog.corpus_server import CorpusServer
 from data_catalog.layout import Layout
 from data_catalog.synth import FaultSpec, SynthConfig, synthesize, url_manifest
@@ -149,6 +149,15 @@ def test_retry_failed_recovers_urls_that_come_back(corpus, tmp_path, prefect_har
     for rec in shards:
         keys |= set(tar_samples(rec.tar_path))
     assert len(keys) == second.samples_ok  # recovered samples kept their own keys, no collision
+
+    # Another manifest under the same source name would shift every shard id: refused, nothing replaced.
+    manifest_dir = Layout(home).manifests("flaky")
+    before = {p.name: p.read_bytes() for p in manifest_dir.iterdir()}
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.Table.from_pylist(keep[5:]), other)
+    with pytest.raises(CatalogError, match="new source name"):
+        ingest_flow(params.model_copy(update={"inputs": (other,)}))
+    assert {p.name: p.read_bytes() for p in manifest_dir.iterdir()} == before
 
 
 def _run_cli_ingest(args: list[str], env: dict) -> subprocess.Popen:
