@@ -397,3 +397,42 @@ def test_is_a_train_datasource_and_collate_tokenizes(tmp_path):
     assert batch["images"].shape == (4, 3, 64, 64)
     words = len(web_caption(keys_of(0, 1)[0]).split())
     assert batch["text_mask"].sum(1).tolist() == [words] * 4
+
+
+class ToyModel(torch.nn.Module):
+    """Regresses caption length from mean colour; remembers the keys it trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(3, 1)
+        self.seen: list[str] = []
+
+    def forward(self, batch: dict):
+        from types import SimpleNamespace
+
+        self.seen += batch["keys"]
+        target = torch.tensor([len(t) / 10 for t in batch["text"]])
+        pred = self.head(batch["images"].mean(dim=(2, 3))).squeeze(1)  # (B,)
+        return SimpleNamespace(loss=torch.nn.functional.mse_loss(pred, target))
+
+
+def test_train_resumes_through_a_checkpoint_onto_the_uninterrupted_run(tmp_path):
+    from blip2_core.train import TrainConfig, train
+
+    source = make_source(tmp_path, "web", shards=2, per_shard=12, sidecars=True)
+    make = lambda: loader([source], seed=2)  # 6 batches per epoch: 8 steps cross an epoch boundary
+    # min_lr = lr: a flat schedule, so a 5-step run is the first 5 steps of the 8-step one
+    cfg = lambda run, steps: TrainConfig(
+        out_dir=str(tmp_path / run), steps=steps, lr=1e-2, min_lr=1e-2, warmup_steps=0,
+        log_every=1, ckpt_every=1, device="cpu",
+    )  # fmt: skip
+    whole = ToyModel()
+    train(whole, make(), cfg("whole", 8))
+    first = ToyModel()
+    train(first, make(), cfg("split", 5))
+    second = ToyModel()  # a fresh process would start here: new model, new loader
+    result = train(second, make(), cfg("split", 8))
+    assert result.resumed_from is not None
+    assert first.seen + second.seen == whole.seen
+    assert torch.equal(second.head.weight, whole.head.weight)
