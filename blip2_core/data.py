@@ -84,7 +84,7 @@ class SourceSpec:
             raise ValueError(f"SourceSpec {self.name!r}: weight must be > 0, got {self.weight}")
 
     def sidecar_path(self, shard: Path) -> Path | None:
-        """var/capfilt/<hash>/<source>/<shard stem>.parquet, beside nothing: the flow passes the folder."""
+        """<sidecar_dir>/<shard stem>.parquet; the flow passes var/capfilt/<config-hash>/<source>."""
         return None if self.sidecar_dir is None else self.sidecar_dir / f"{shard.stem}.parquet"
 
 
@@ -116,12 +116,16 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
+    """How one rank reads: batch size per rank, the seed every draw derives from, the split, and the
+    epoch length. Resuming needs the same seed, split, worker count and epoch length (checked)."""
+
     batch_size: int
     seed: int = 0
     rank: int = 0
     world_size: int = 1
     num_workers: int = 0  # DataLoader processes; 0 decodes in the main process
-    shuffle_buffer: int = 1000  # raw samples per source held for shuffling (no decoding yet)
+    # Raw (undecoded) samples held per source and worker: memory ~ buffer x mean sample bytes.
+    shuffle_buffer: int = 1000
     samples_per_epoch: int | None = None  # all ranks together; None: every source's samples once
     pin_memory: bool | None = None  # None: when CUDA is available
     prefetch_factor: int = 2  # batches each worker keeps ready
@@ -135,6 +139,10 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig: rank {self.rank} is outside world_size {self.world_size}")
         if self.num_workers < 0:
             raise ValueError(f"LoaderConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(
+                f"LoaderConfig.shuffle_buffer must be at least 1 (1 = no shuffle), got {self.shuffle_buffer}"
+            )
 
     @property
     def logical_workers(self) -> int:
