@@ -304,6 +304,8 @@ def download_shards(
     )
 
     def poll() -> None:
+        if not set(finished_shards(shard_dir)) - known:
+            return  # the catalog is opened only when a shard has finished
         with catalog_session(layout) as cat:
             new, bad = register_new_shards(cat, params.source, shard_dir, known)
         for shard in new:
