@@ -19,10 +19,22 @@ Key map (HF -> ours):
 An imported folder holds `model.safetensors` (our names, LLM excluded), `blip2_import.json` (our config,
 the vision dims, the architecture and the original HF config for export) and `llm/` (the language model
 and tokenizer in save_pretrained format). Nothing is unpickled except through safetensors.
+
+Export of models trained here (`export_model`, or `export_hf` on a checkpoint folder): HF's vision tower IS
+an EVA01 ViT, so an open_clip EVA tower (timm `Eva`, the paper's EVA01-g-14) maps one to one (timm -> HF):
+    patch_embed.proj / cls_token / pos_embed  -> embeddings.patch_embedding / class_embedding /
+                                                 embeddings.position_embedding
+    blocks.i.norm1 / norm2                    -> encoder.layers.i.layer_norm1 / layer_norm2
+    blocks.i.attn.qkv.weight, q_bias, v_bias  -> encoder.layers.i.self_attn.qkv.weight, .bias = [q | 0 | v]
+    blocks.i.attn.proj / mlp.fc1 / mlp.fc2    -> encoder.layers.i.self_attn.projection / mlp.fc1 / mlp.fc2
+with num_hidden_layers = the kept blocks. Parts HF lacks (open_clip's ln_pre, rope, layer scale, SwiGLU...)
+are refused by name. The one approximation: HF has a single layer_norm_eps, ours ln_vision uses 1e-5 and
+EVA's blocks 1e-6 (see `_check_ln_vision_eps`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass
@@ -408,8 +420,24 @@ def load_imported(dst_dir: str | Path) -> nn.Module:
 
 
 def export_hf(src_dir: str | Path, dst_dir: str | Path) -> Path:
-    """Write an imported folder back as a transformers BLIP-2 folder (config.json + model.safetensors)."""
+    """Write a transformers BLIP-2 folder (config.json + model.safetensors [+ tokenizer]) that
+    Blip2ForConditionalGeneration (stage 2) / Blip2ForImageTextRetrieval (stage 1) load with from_pretrained.
+
+    src_dir is either
+      - an imported folder (holds blip2_import.json, written by `import_hf`): written back bit-identically;
+      - a training checkpoint folder (checkpoints.py's `model.safetensors` of trainable weights) whose run
+        config `blip2_config.json` (`config_to_dict` of the run's Blip2Config) sits in it or up to two
+        folders above; the frozen tower loads from `vision.pretrained`, the LLM from the `llm.name` folder.
+        Only EVA image towers (EVA01-g-14 presets) export; others raise ExportError (see export_model).
+    """
     src, dst = Path(src_dir), Path(dst_dir)
+    if (src / META_FILE).is_file():
+        return _export_imported(src, dst)
+    return export_model(load_trained(src), dst)
+
+
+def _export_imported(src: Path, dst: Path) -> Path:
+    """An imported folder back as the transformers folder it came from: bit-identical weights."""
     meta = json.loads((src / META_FILE).read_text())
     state = {}
     for key, tensor in load_file(str(src / WEIGHTS_FILE)).items():
@@ -428,3 +456,385 @@ def export_hf(src_dir: str | Path, dst_dir: str | Path) -> Path:
         if (src / "llm" / name).is_file():
             shutil.copy(src / "llm" / name, dst / name)
     return dst
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export of models trained here (open_clip / timm image towers)
+#
+# transformers' Blip2VisionModel is exactly an EVA ViT of the EVA01 kind (BLIP-2's released towers):
+# conv patch embedding with bias, CLS token, learned absolute positions, pre-norm blocks with fused qkv
+# (q and v biases, no k bias), exact GELU MLP, no layer scale, no rope, no pre-norm. Blocks map one to one;
+# HF's num_hidden_layers is the number of KEPT blocks and our `ln_vision` is its post_layernorm.
+
+RUN_CONFIG_FILE = "blip2_config.json"  # config_to_dict(cfg) of a run; read by export_hf from a checkpoint
+LN_VISION_EPS_TOLERANCE = 1e-5  # see _check_ln_vision_eps
+
+
+class ExportError(ValueError):
+    """The model has a part that transformers' BLIP-2 classes cannot represent exactly."""
+
+
+def _exportable_presets() -> list[str]:
+    """Presets whose image tower is a timm EVA (the only towers HF's Blip2VisionModel represents)."""
+    import open_clip
+
+    from blip2_core.config import load_preset, preset_names
+
+    def is_eva(name: str) -> bool:
+        model_cfg = open_clip.get_model_config(load_preset(name).vision.model_name) or {}
+        return str(model_cfg.get("vision_cfg", {}).get("timm_model_name", "")).startswith("eva")
+
+    return [name for name in preset_names() if is_eva(name)]
+
+
+def _open_clip_refusal(model_name: str) -> ExportError:
+    return ExportError(
+        f"cannot export the open_clip VisionTransformer tower {model_name!r}: it applies a pre-layernorm "
+        "(ln_pre) to the patch + position embeddings before the first block, and transformers' "
+        "Blip2VisionModel has no such layer (a LayerNorm cannot be folded into the patch embedding), so "
+        "no exported model would compute the same features. Exportable: EVA towers (timm Eva inside "
+        f"open_clip, e.g. EVA01-g-14), i.e. the presets {', '.join(_exportable_presets())}"
+    )
+
+
+def _unsupported_eva_parts(trunk: nn.Module) -> list[str]:
+    """Names of the parts of a timm Eva that Blip2VisionModel lacks (empty: the map is exact)."""
+    from timm.layers import Mlp
+    from timm.models.eva import EvaAttention, EvaBlock
+
+    checks = [
+        (trunk.rope is not None, "rotary position embeddings (rope)"),
+        (trunk.pos_embed is None, "no absolute position embeddings (pos_embed)"),
+        (trunk.cls_token is None or trunk.reg_token is not None, "a token layout other than one CLS token"),
+        (trunk.no_embed_class, "position embeddings that skip the CLS token (no_embed_class)"),
+        (trunk.dynamic_img_size, "dynamic image size"),
+        (not isinstance(trunk.norm_pre, nn.Identity), "a pre-transformer norm (norm_pre)"),
+        (not isinstance(trunk.patch_embed.norm, nn.Identity), "a norm after the patch embedding"),
+    ]
+    width = trunk.embed_dim
+    for block in trunk.blocks:
+        attn, mlp = block.attn, block.mlp
+        if type(block) is not EvaBlock or type(attn) is not EvaAttention:
+            checks.append((True, f"{type(block).__name__} blocks (post-norm or rope attention)"))
+            continue
+        checks += [
+            (block.gamma_1 is not None or block.gamma_2 is not None, "layer scale (gamma_1 / gamma_2)"),
+            (attn.qkv is None, "separate q/k/v projections"),
+            (attn.head_dim * attn.num_heads != width, "an attention head width other than width / heads"),
+            (not isinstance(attn.q_norm, nn.Identity), "q/k normalisation (qk_norm)"),
+            (not isinstance(attn.norm, nn.Identity), "a norm inside attention (scale_attn_inner)"),
+            (attn.gate is not None, "gated attention"),
+            (type(mlp) is not Mlp, f"a {type(mlp).__name__} MLP (SwiGLU / gated)"),
+            (type(mlp) is Mlp and not isinstance(mlp.norm, nn.Identity), "a norm inside the MLP (scale_mlp)"),
+            (type(mlp) is Mlp and not _is_exact_gelu(mlp.act), "an MLP activation other than exact GELU"),
+        ]
+        checks += [
+            (not _is_layer_norm(norm), "a block norm that is not an affine LayerNorm")
+            for norm in (block.norm1, block.norm2)
+        ]
+    return sorted({part for failed, part in checks if failed})
+
+
+def _is_exact_gelu(act: nn.Module) -> bool:
+    return isinstance(act, nn.GELU) and act.approximate == "none"
+
+
+def _is_layer_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
+
+
+def _block_eps(trunk: nn.Module) -> float:
+    eps = {norm.eps for block in trunk.blocks for norm in (block.norm1, block.norm2)}
+    if len(eps) != 1:
+        raise ExportError(f"vision tower: its block LayerNorms use several eps {sorted(eps)}; HF has one")
+    return eps.pop()
+
+
+def _check_ln_vision_eps(ln_vision: nn.LayerNorm, eps: float) -> None:
+    """HF has ONE layer_norm_eps (default 1e-6) for the blocks and post_layernorm. Ours, as LAVIS's: EVA
+    blocks 1e-6, ln_vision torch's default 1e-5. Exporting with the blocks' eps (exact for every block)
+    changes ln_vision's output by about (eps_ln - eps) / (2 var) relative, var being the variance of the
+    last kept block's tokens: far below the fp16 rounding of the frozen tower; the export tests measure
+    its effect on LM logits / ITM / ITC (< 1e-5) and show it is the only difference. Larger gaps raise."""
+    if abs(ln_vision.eps - eps) > LN_VISION_EPS_TOLERANCE:
+        raise ExportError(
+            f"ln_vision: eps {ln_vision.eps} differs from the tower's {eps} by more than "
+            f"{LN_VISION_EPS_TOLERANCE}; HF's Blip2VisionModel has one layer_norm_eps"
+        )
+
+
+def eva_vision_to_hf(encoder: nn.Module, ln_vision: nn.LayerNorm) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A `vision.VisionEncoder` over a timm EVA + our ln_vision -> (HF vision_config, vision_model.* tensors).
+
+    Raises ExportError naming any part HF cannot represent (open_clip's ln_pre, rope, layer scale, ...).
+    """
+    from timm.models.eva import Eva
+
+    if not getattr(encoder, "is_timm", False):
+        raise _open_clip_refusal(encoder.cfg.model_name)
+    trunk = encoder.visual.trunk
+    if not isinstance(trunk, Eva):
+        raise ExportError(
+            f"vision tower: timm {type(trunk).__name__} is not an EVA tower; exportable "
+            f"presets: {', '.join(_exportable_presets())}"
+        )
+    parts = _unsupported_eva_parts(trunk)
+    if parts:
+        raise ExportError(
+            f"vision tower {encoder.cfg.model_name!r} has parts that transformers' "
+            f"Blip2VisionModel lacks: {'; '.join(parts)}"
+        )
+    eps = _block_eps(trunk)
+    _check_ln_vision_eps(ln_vision, eps)
+    patch = trunk.patch_embed
+    first = trunk.blocks[0]
+    vision_config = dict(
+        hidden_size=trunk.embed_dim,
+        intermediate_size=first.mlp.fc1.out_features,
+        num_hidden_layers=len(trunk.blocks),  # the kept blocks: the last one is already dropped
+        num_attention_heads=first.attn.num_heads,
+        image_size=patch.img_size[0],
+        patch_size=patch.patch_size[0],
+        hidden_act="gelu",
+        layer_norm_eps=eps,
+        qkv_bias=True,
+    )
+    if patch.img_size[0] != patch.img_size[1] or patch.patch_size[0] != patch.patch_size[1]:
+        raise ExportError(f"vision tower: HF needs square images and patches, got {patch.img_size}")
+    conv = patch.proj
+    out = {
+        "embeddings.patch_embedding.weight": conv.weight,
+        "embeddings.patch_embedding.bias": conv.bias
+        if conv.bias is not None
+        else conv.weight.new_zeros(conv.out_channels),
+        "embeddings.class_embedding": trunk.cls_token,  # (1, 1, W)
+        "embeddings.position_embedding": trunk.pos_embed,  # (1, 1 + g*g, W)
+        "post_layernorm.weight": ln_vision.weight,
+        "post_layernorm.bias": ln_vision.bias,
+    }
+    for i, block in enumerate(trunk.blocks):
+        out.update({f"encoder.layers.{i}.{k}": v for k, v in _eva_block_to_hf(block).items()})
+    return vision_config, {"vision_model." + k: v.detach() for k, v in out.items()}
+
+
+def _eva_block_to_hf(block: nn.Module) -> dict[str, torch.Tensor]:
+    attn = block.attn
+    if attn.q_bias is not None:  # EVA keeps q and v biases apart; HF fuses them with a zero k bias
+        qkv_bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    else:
+        qkv_bias = attn.qkv.weight.new_zeros(attn.qkv.out_features)
+    return {
+        "layer_norm1.weight": block.norm1.weight,
+        "layer_norm1.bias": block.norm1.bias,
+        "self_attn.qkv.weight": attn.qkv.weight,
+        "self_attn.qkv.bias": qkv_bias,
+        "self_attn.projection.weight": attn.proj.weight,
+        "self_attn.projection.bias": attn.proj.bias,
+        "layer_norm2.weight": block.norm2.weight,
+        "layer_norm2.bias": block.norm2.bias,
+        "mlp.fc1.weight": block.mlp.fc1.weight,
+        "mlp.fc1.bias": block.mlp.fc1.bias,
+        "mlp.fc2.weight": block.mlp.fc2.weight,
+        "mlp.fc2.bias": block.mlp.fc2.bias,
+    }
+
+
+def hf_vision_to_hf(
+    encoder: HFVisionEncoder, ln_vision: nn.LayerNorm
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The HF-layout tower of an imported model: names only (vision_config from its dims)."""
+    d = encoder.dims
+    vision_config = dict(
+        hidden_size=d.width,
+        intermediate_size=d.mlp,
+        num_hidden_layers=d.layers,
+        num_attention_heads=d.heads,
+        image_size=d.image_size,
+        patch_size=d.patch,
+        layer_norm_eps=d.eps,
+        hidden_act="gelu",
+        qkv_bias=True,
+    )
+    _check_ln_vision_eps(ln_vision, d.eps)
+    state = {"vision_model." + k: v.detach() for k, v in encoder.state_dict().items()}
+    state |= {"vision_model.post_layernorm." + k: v.detach() for k, v in ln_vision.state_dict().items()}
+    return vision_config, state
+
+
+def _vision_to_hf(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    if isinstance(model.visual_encoder, HFVisionEncoder):
+        return hf_vision_to_hf(model.visual_encoder, model.ln_vision)
+    return eva_vision_to_hf(model.visual_encoder, model.ln_vision)
+
+
+def _qformer_config(cfg: QFormerConfig, text_input: bool) -> dict:
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act=cfg.hidden_act,
+        hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.initializer_range,
+        layer_norm_eps=cfg.layer_norm_eps,
+        pad_token_id=cfg.pad_token_id,
+        cross_attention_frequency=cfg.cross_attention_freq,
+        encoder_hidden_size=cfg.encoder_hidden_size,
+        use_qformer_text_input=text_input,
+    )
+
+
+def _renamed(model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Our Q-Former / projection / head tensors under their HF names (LM head and temperature dropped)."""
+    out = {}
+    for key, tensor in model.state_dict().items():
+        hf_key = ours_key_to_hf(key) if key.startswith(prefixes) else None
+        if hf_key is not None:
+            out[hf_key] = tensor
+    return out
+
+
+def image_token_id(llm: nn.Module, tokenizer) -> int:
+    """transformers 5 marks the query slots with an image token: the first id the tokenizer does not use
+    (as the released checkpoints' "<image>"), which must still have an embedding row."""
+    token_id = len(tokenizer)
+    rows = llm.get_input_embeddings().num_embeddings
+    if token_id >= rows:
+        raise ExportError(
+            f"language model: its {rows} embedding rows are all tokenizer ids ({len(tokenizer)}), so there "
+            "is no spare row for transformers' image token; resize the LLM's embeddings before training"
+        )
+    return token_id
+
+
+def _generation_parts(model: nn.Module) -> tuple[type, dict, dict[str, torch.Tensor]]:
+    from transformers import Blip2ForConditionalGeneration
+
+    if model.qformer_text_input:
+        raise ExportError(
+            "the Q-Former of this stage-2 model reads the prompt text (qformer_text_input, VQA fine-tuning); "
+            "transformers' Blip2ForConditionalGeneration feeds its Q-Former queries only"
+        )
+    bridge = model.bridge
+    text_config = bridge.llm.config.to_dict()
+    text_config.pop("dtype", None)
+    text_config.pop("torch_dtype", None)
+    config = dict(
+        qformer_config=_qformer_config(model.cfg.qformer, text_input=False),
+        text_config=text_config,
+        num_query_tokens=model.cfg.qformer.num_query_tokens,
+        image_token_index=image_token_id(bridge.llm, bridge.tokenizer),
+    )
+    state = _renamed(model, ("qformer.", "bridge.llm_projection."))
+    state |= {"language_model." + k: v for k, v in bridge.llm.state_dict().items()}
+    return Blip2ForConditionalGeneration, config, state
+
+
+def _retrieval_parts(model: nn.Module) -> tuple[type, dict, dict[str, torch.Tensor]]:
+    from transformers import Blip2ForImageTextRetrieval
+
+    config = dict(
+        qformer_config=_qformer_config(model.cfg.qformer, text_input=True),
+        num_query_tokens=model.cfg.qformer.num_query_tokens,
+        image_text_hidden_size=model.cfg.qformer.embed_dim,
+    )
+    state = _renamed(model, ("qformer.", "vision_projection.", "text_projection.", "itm_head."))
+    return Blip2ForImageTextRetrieval, config, state
+
+
+def export_model(model: nn.Module, dst_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write our Blip2Stage2 (-> Blip2ForConditionalGeneration) or Blip2Stage1 (-> Blip2ForImageTextRetrieval)
+    as a transformers folder: config.json + model.safetensors (sharded when large), + the LLM's tokenizer.
+
+    The image tower must be an EVA (or the HF-layout tower of an imported model); anything else raises
+    ExportError naming the missing piece. Weights are written in `dtype` (fp32: an exact upcast of fp16/bf16
+    frozen towers; the ITC temperature and the Q-Former's LM head have no place in HF and are left out).
+    """
+    from transformers import Blip2Config as HFBlip2Config
+
+    from blip2_core.stage1 import Blip2Stage1
+
+    if isinstance(model, Blip2Stage2):
+        hf_class, config_kwargs, state = _generation_parts(model)
+    elif isinstance(model, Blip2Stage1):
+        hf_class, config_kwargs, state = _retrieval_parts(model)
+    else:
+        raise TypeError(f"model: expected Blip2Stage1 or Blip2Stage2, got {type(model).__name__}")
+    vision_config, vision_state = _vision_to_hf(model)
+    config = HFBlip2Config(vision_config=vision_config, **config_kwargs)
+    with torch.device("meta"):
+        hf_model = hf_class(config)
+    # strict + assign: every HF weight must come from ours (a missing or extra name raises here)
+    hf_model.load_state_dict(
+        {k: v.to(dtype) for k, v in (state | vision_state).items()}, strict=True, assign=True
+    )
+    hf_model.tie_weights()
+    dst = Path(dst_dir)
+    hf_model.save_pretrained(dst)
+    if isinstance(model, Blip2Stage2):
+        _save_tokenizer(model.bridge.tokenizer, config.image_token_index, dst)
+    return dst
+
+
+def _save_tokenizer(tokenizer, token_id: int, dst: Path) -> None:
+    """The LLM's tokenizer with "<image>" added at the image token id (what Blip2Processor expands)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    if len(tokenizer) == token_id:
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.save_pretrained(dst)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trained checkpoints
+
+
+def find_run_config(checkpoint_dir: Path) -> Path:
+    """The run's `blip2_config.json`: in the checkpoint folder, or up to two folders above it
+    (`<run>/checkpoints/step-000100/` finds `<run>/blip2_config.json`)."""
+    for folder in [checkpoint_dir, *list(checkpoint_dir.resolve().parents)[:2]]:
+        if (folder / RUN_CONFIG_FILE).is_file():
+            return folder / RUN_CONFIG_FILE
+    raise FileNotFoundError(
+        f"{checkpoint_dir}: no {RUN_CONFIG_FILE} here or in the two folders above (write the run's config "
+        f"there with config_to_dict, or pass an imported folder holding {META_FILE})"
+    )
+
+
+def load_trained(checkpoint_dir: str | Path) -> nn.Module:
+    """Our model from a training checkpoint folder (checkpoints.py's model.safetensors of trainable
+    weights) and its run config: Blip2Stage1 if the weights hold `itm_head.*`, Blip2Stage2 if
+    `bridge.llm_projection.*`.
+    Frozen parts load from where the config names them: the image tower from `vision.pretrained` (unless the
+    checkpoint holds a fine-tuned `visual_encoder.*`), the LLM from the `llm.name` folder."""
+    from safetensors import safe_open
+
+    from blip2_core.checkpoints import load_trainable_weights
+    from blip2_core.config import load_preset
+    from blip2_core.stage1 import Blip2Stage1
+
+    src = Path(checkpoint_dir)
+    cfg = load_preset(find_run_config(src))
+    with safe_open(str(src / WEIGHTS_FILE), framework="pt") as fh:
+        names = set(fh.keys())
+    tower_trained = any(k.startswith("visual_encoder.") for k in names)
+    if not tower_trained and cfg.vision.pretrained is None:
+        raise ValueError(
+            f"{src}: the frozen image tower has no weights: vision.pretrained is unset and the checkpoint "
+            "holds no visual_encoder.* tensors"
+        )
+    if "itm_head.weight" in names:
+        model = Blip2Stage1(cfg)
+    elif "bridge.llm_projection.weight" in names:
+        text_input = any(k.startswith("qformer.embeddings.") for k in names)
+        model = Blip2Stage2(cfg, qformer_text_input=text_input)
+    else:
+        raise ValueError(
+            f"{src}: neither a stage-1 (itm_head.*) nor a stage-2 (bridge.llm_projection.*) checkpoint"
+        )
+    if tower_trained:
+        model.visual_encoder.unfreeze()  # fine-tuned: its weights are in the checkpoint
+    load_trainable_weights(model, src)
+    return model.eval()
