@@ -7,7 +7,14 @@ import torch
 from tiny_models import build_tokenizer, tiny_opt_config
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
-from blip2_core.hf_interop import export_hf, hf_key_to_ours, import_hf, lavis_to_ours, load_imported
+from blip2_core.hf_interop import (
+    export_hf,
+    export_model,
+    hf_key_to_ours,
+    import_hf,
+    lavis_to_ours,
+    load_imported,
+)
 
 torch.set_num_threads(1)
 NUM_QUERIES = 4
@@ -158,3 +165,14 @@ def test_lavis_names_map_onto_ours():
     bias = ours["visual_encoder.encoder.layers.0.self_attn.qkv.bias"]
     assert bias.tolist() == [1.0] * 6 + [0.0] * 6 + [3.0] * 6  # q | zero k | v, as HF stores it
     assert hf_key_to_ours("vision_model.post_layernorm.weight") == "ln_vision.weight"
+
+
+@pytest.mark.parametrize("which", ["hf_generation", "hf_retrieval"])
+def test_export_model_of_an_imported_model_gives_back_the_same_weights(which, request):
+    """export_model (the path of trained models) on the HF-layout tower: every HF weight comes back."""
+    hf, root = request.getfixturevalue(which)[0], request.getfixturevalue(which)[-1]
+    ours = load_imported(import_hf(root / "src", root / "ours3"))
+    reloaded = type(hf).from_pretrained(export_model(ours, root / "back3")).eval()
+    original, back = hf.state_dict(), reloaded.state_dict()
+    assert set(original) == set(back)
+    assert all(torch.equal(original[k], back[k]) for k in original)
