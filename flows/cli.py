@@ -87,6 +87,125 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capfilt(args: argparse.Namespace) -> int:
+    from flows.capfilt import CapFiltParams, RankerParams, SamplingParams, capfilt_flow
+
+    sampling = {n: getattr(args, n) for n in ("num_captions", "top_p", "max_length", "min_length", "seed")}
+    runner = ("batch_size", "shards_per_task", "device", "num_workers", "num_gpus", "ray_address", "home")
+    params = CapFiltParams(
+        sources=tuple(args.source),
+        shards=tuple(args.shards) if args.shards else None,
+        captioner=args.captioner,
+        ranker=RankerParams(model=args.ranker_model, weights=args.ranker_weights, config=args.ranker_config),
+        sampling=SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
+        force=args.force,
+        engine=args.engine,
+        **{k: getattr(args, k) for k in runner if getattr(args, k) is not None},
+    )
+    s = capfilt_flow(params)
+    kept = "-" if s.web_kept_share is None else f"{100 * s.web_kept_share:.1f}%"
+    print(
+        f"capfilt {s.config_hash}: {s.shards_done} shards done, {s.shards_skipped} skipped (already done), "
+        f"{s.shards_failed} failed; {s.samples_ok} samples captioned, {s.samples_failed} unreadable"
+    )
+    print(f"web caption kept in the top {params.sampling.keep_top}: {kept} of this run's samples")
+    for shard, error in s.failed_shards.items():
+        print(f"  failed {shard}: {error}")
+    return 0
+
+
+def _train_sources(args: argparse.Namespace) -> list:
+    """--source NAME[:WEIGHT] entries, with the shards that --shards NAME=ID,ID names for them."""
+    chosen: dict[str, list[str]] = {}
+    for entry in args.shards or ():
+        name, sep, ids = entry.partition("=")
+        if not sep or not ids:
+            raise ValueError(f"--shards {entry!r}: expected SOURCE=SHARD[,SHARD...]")
+        chosen.setdefault(name, []).extend(i for i in ids.split(",") if i)
+    sources = []
+    for entry in args.source:
+        name, _, weight = entry.partition(":")
+        source = {"name": name, **({"weight": float(weight)} if weight else {})}
+        if name in chosen:
+            source["shards"] = chosen.pop(name)
+        sources.append(source)
+    if chosen:
+        raise ValueError(f"--shards names source(s) not given with --source: {', '.join(chosen)}")
+    return sources
+
+
+_TRAIN_OPTIONS = (
+    "preset", "capfilt", "capfilt_missing", "steps", "batch_size", "lr", "min_lr", "warmup_steps",
+    "precision", "grad_accum", "num_workers", "nproc", "seed", "log_every", "ckpt_every", "keep_last",
+    "run_id", "home",
+)  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flows.train import Stage1Params, Stage2Params, stage1_flow, stage2_flow
+
+    fields = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
+    fields |= {"sources": _train_sources(args), "resume": not args.no_resume}
+    fields |= {"swap_left_right": True} if args.swap_left_right else {}
+    if args.train_stage == "stage1":
+        extra = {k: getattr(args, k) for k in ("tokenizer", "bert_init") if getattr(args, k) is not None}
+        summary = stage1_flow(Stage1Params(**fields, **extra))
+    else:
+        extra = {"stage1_run": args.stage1_run} | ({"llm": args.llm} if args.llm is not None else {})
+        summary = stage2_flow(Stage2Params(**fields, **extra))
+    s = summary
+    start = f", continued from {s.resumed_from_run} at step {s.start_step}" if s.resumed_from_run else ""
+    print(f"{s.stage} run {s.run_id} (config {s.config_hash}): step {s.step}/{s.steps}{start}")
+    for name, value in sorted(s.losses.items()):
+        print(f"  {name:<12} {value:.4f}")
+    if s.samples_per_s is not None:
+        print(f"  samples/s    {s.samples_per_s:.1f}")
+    print(f"checkpoint {s.last_checkpoint}")
+    print(f"run folder {s.run_dir}")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="pretraining: stage 1 (Q-Former) or stage 2 (frozen LLM)")
+    tsub = p.add_subparsers(dest="train_stage", required=True, metavar="STAGE")
+    for stage, text in (
+        ("stage1", "representation learning: ITC + ITM + ITG with the frozen image encoder"),
+        ("stage2", "generative learning with a frozen LLM, from a finished stage-1 run"),
+    ):
+        c = tsub.add_parser(stage, help=text)
+        c.add_argument(
+            "--source", action="append", required=True, help="catalog source NAME[:WEIGHT] (repeatable)"
+        )
+        c.add_argument("--shards", action="append", help="only these shards: SOURCE=ID,ID or .tar paths")
+        c.add_argument("--preset", help="preset name or JSON path (default tiny)")
+        c.add_argument("--capfilt", help="CapFilt config hash: its done sidecars give the captions")
+        c.add_argument("--capfilt-missing", choices=["web_caption", "skip"], help="shards without a sidecar")
+        c.add_argument("--steps", type=int, help="optimizer steps in total (default: the preset's)")
+        c.add_argument("--batch-size", type=int, help="samples per optimizer step, all processes")
+        c.add_argument("--lr", type=float, help="peak learning rate")
+        c.add_argument("--min-lr", type=float, help="cosine floor")
+        c.add_argument("--warmup-steps", type=int)
+        c.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+        c.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+        c.add_argument("--num-workers", type=int, help="DataLoader processes per training process")
+        c.add_argument("--nproc", type=int, help="training processes; more than 1 launches torchrun")
+        c.add_argument("--seed", type=int)
+        c.add_argument("--log-every", type=int)
+        c.add_argument("--ckpt-every", type=int)
+        c.add_argument("--keep-last", type=int, help="checkpoints kept on disk")
+        c.add_argument("--swap-left-right", action="store_true", help="swap left/right in flipped captions")
+        c.add_argument("--no-resume", action="store_true", help="start over instead of continuing")
+        c.add_argument("--run-id", help="continue this run (same parameters, more steps)")
+        if stage == "stage1":
+            c.add_argument("--tokenizer", type=Path, help="BERT-style tokenizer folder")
+            c.add_argument("--bert-init", type=Path, help="BERT checkpoint folder for the Q-Former")
+        else:
+            c.add_argument("--stage1-run", required=True, help="the stage-1 run id to start from")
+            c.add_argument("--llm", type=Path, help="frozen LLM folder (default: the preset's llm.name)")
+        _add_home(c)
+    p.set_defaults(func=cmd_train)
+
+
 def cmd_corpus_synth(args: argparse.Namespace) -> int:
     from data_catalog.synth import SynthConfig, synthesize
 
@@ -153,6 +272,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download_options(p)
     _add_home(p)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("capfilt", help="caption, rank and filter web captions of ingested shards (CapFilt)")
+    p.add_argument("--source", action="append", required=True, help="catalog source (repeatable)")
+    p.add_argument("--captioner", type=Path, required=True, help="BLIP captioner, save_pretrained directory")
+    p.add_argument("--ranker-model", default="ViT-L-14", help="open_clip model name (default ViT-L-14)")
+    p.add_argument("--ranker-weights", type=Path, required=True, help="ranker weights file")
+    p.add_argument("--ranker-config", type=Path, help="open_clip model-config JSON of a custom ranker")
+    p.add_argument("--shards", nargs="+", help="recompute only these shards (00003 or source/00003)")
+    p.add_argument("--force", action="store_true", help="recompute shards that are already done")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local instance)")
+    p.add_argument("--num-workers", type=int, help="ray: CPU actors when there is no GPU")
+    p.add_argument("--num-gpus", type=int, help="ray: GPUs to use, one actor each (default all)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, help="images per model batch (default 16)")
+    p.add_argument("--shards-per-task", type=int, help="shards per Prefect task run (default 8)")
+    g = p.add_argument_group("sampling (defaults: the paper's)")
+    g.add_argument("--num-captions", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-length", type=int)
+    g.add_argument("--max-length", type=int)
+    g.add_argument("--seed", type=int)
+    _add_home(p)
+    p.set_defaults(func=cmd_capfilt)
+
+    _add_train_parser(sub)
 
     p = sub.add_parser("demo", help="the miniature replication, end to end, on the embedded default")
     p.add_argument("--seed", type=int)
