@@ -1,0 +1,647 @@
+"""Teachers for the miniature replication: the models the paper takes off the shelf, trained on the corpus.
+
+With the `tiny` preset nothing can be downloaded, so this step trains, on the synthetic corpus' CLEAN splits
+only (the COCO-format train split's five reference captions per image and the VQA train questions with
+their majority answers; never the noisy pretraining web captions), every pretrained model BLIP-2 uses:
+
+  tokenizers/   WordPiece (BERT/BLIP layout, with [DEC]) and byte-level BPE in OPT's and T5's layouts,
+                trained with `tokenizers` and saved with save_pretrained
+  clip/         an open_clip CLIP of the tiny preset's architecture (`blip2-tiny-clip`: its image tower
+                is the tiny preset's frozen image encoder), contrastive loss on (image, reference) pairs;
+                `blip2-tiny-clip.json` + `blip2-tiny-clip.safetensors`, the form `RankerConfig` and
+                `VisionConfig.pretrained` read. Its text side uses open_clip's own tokenizer for the config.
+  captioner/    a small BlipForConditionalGeneration, LM loss on "a picture of " + reference; model and
+                BlipProcessor saved with save_pretrained (what `capfilt.load_capfilt_models` reads)
+  opt/, t5/     small OPTForCausalLM / T5ForConditionalGeneration language models with their tokenizers
+                (what `llm_bridge.load_llm` reads): OPT as a causal LM on "text\\n" (the bridge's EOS),
+                T5 as a prefix LM (split at a uniform point, or at the answer of a question)
+
+Every folder appears atomically (built in a `.tmp-` folder beside it, then renamed) and holds a
+`teacher.json` with the loss curve and the seconds it took. Training is deterministic under `seed`.
+This module reads the corpus through its public file formats (corpus.json, COCO and VQAv2 JSON), not
+through `data_catalog`, so that `blip2_core` stays free of DuckDB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+# progress(teacher, step, loss): called at every logged step
+Progress = Callable[[str, int, float], None]
+
+CAPTION_PROMPT = "a picture of "  # the BLIP captioner's prompt, as CapFilt decodes with it
+OPT_EOS_TEXT = "\n"  # the stage-2 bridge ends OPT targets with "\n"
+BLIP_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
+OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # OPT's ids 0-3; "</s>" is also its BOS
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0-2; "<pad>" is also the decoder start
+CLIP_MODEL_NAME = "blip2-tiny-clip"  # the tiny preset's open_clip architecture
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ClipTeacherConfig:
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+
+
+@dataclass(frozen=True)
+class CaptionerTeacherConfig:
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    patch_size: int = 8
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_text_len: int = 40  # tokens of "[DEC] a picture of <caption> [SEP]"
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+
+
+@dataclass(frozen=True)
+class LMTeacherConfig:
+    """OPT / T5 dims; the defaults are the tiny preset's `llm` section (hidden 64, 2 layers, 4 heads)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    ffn_dim: int = 128
+    d_kv: int = 16  # T5 only
+    max_position_embeddings: int = 64  # OPT only
+    max_text_len: int = 40
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    seed: int = 0
+    image_size: int = 64  # the tiny preset's vision.image_size
+    wordpiece_vocab_size: int = 300  # the corpus has a few dozen words; the rest is WordPiece's alphabet
+    bpe_vocab_size: int = 640  # 256 byte symbols + merges
+    log_every: int = 25
+    clip: ClipTeacherConfig = field(default_factory=ClipTeacherConfig)
+    captioner: CaptionerTeacherConfig = field(default_factory=CaptionerTeacherConfig)
+    opt: LMTeacherConfig = field(default_factory=LMTeacherConfig)
+    t5: LMTeacherConfig = field(default_factory=LMTeacherConfig)
+
+
+@dataclass(frozen=True)
+class TeacherRun:
+    """One trained teacher: its folder, the logged losses (mean over each logging window), seconds."""
+
+    path: Path
+    losses: list[float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TeacherPaths:
+    clip_config: Path  # open_clip model config; its stem is the model name
+    clip_weights: Path  # safetensors state dict of the whole CLIP (vision.py takes its `visual.` part)
+    captioner: Path  # save_pretrained folder: BlipForConditionalGeneration + BlipProcessor
+    opt: Path  # save_pretrained folder: OPTForCausalLM + tokenizer
+    t5: Path  # save_pretrained folder: T5ForConditionalGeneration + tokenizer
+    tokenizers: Path  # wordpiece/, opt/, t5/
+
+    @property
+    def clip_model_name(self) -> str:
+        return self.clip_config.stem
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+
+@dataclass(frozen=True)
+class TeacherData:
+    """The clean text and images of a corpus: COCO train images with their references, VQA train QA."""
+
+    images: list[Image.Image]  # RGB, decoded
+    references: list[list[str]]  # per image, its reference captions
+    qa: list[tuple[str, str]]  # (question, majority answer)
+
+    @property
+    def captions(self) -> list[str]:
+        return [c for refs in self.references for c in refs]
+
+    @property
+    def qa_texts(self) -> list[str]:
+        return [qa_text(q, a) for q, a in self.qa]
+
+    @property
+    def texts(self) -> list[str]:
+        """Everything a tokenizer or language model learns from."""
+        return self.captions + self.qa_texts
+
+
+def qa_text(question: str, answer: str) -> str:
+    return f"Question: {question} Answer: {answer}"
+
+
+def load_teacher_data(corpus_dir: str | os.PathLike[str]) -> TeacherData:
+    """Read the COCO train split (images + references) and the VQA train split of a synthetic corpus."""
+    root = Path(corpus_dir)
+    files = json.loads((root / "corpus.json").read_text(encoding="utf-8"))["files"]
+    coco = json.loads((root / files["coco_captions_train"]).read_text(encoding="utf-8"))
+    refs: dict[int, list[str]] = {img["id"]: [] for img in coco["images"]}
+    for ann in coco["annotations"]:
+        refs[ann["image_id"]].append(ann["caption"])
+    images = []
+    for img in coco["images"]:
+        with Image.open(root / img["file_name"]) as im:
+            images.append(im.convert("RGB"))
+    questions = json.loads((root / files["vqa_questions_train"]).read_text(encoding="utf-8"))["questions"]
+    annotations = json.loads((root / files["vqa_annotations_train"]).read_text(encoding="utf-8"))
+    answers = {a["question_id"]: a["multiple_choice_answer"] for a in annotations["annotations"]}
+    qa = [(q["question"], answers[q["question_id"]]) for q in questions]
+    return TeacherData(images, [refs[img["id"]] for img in coco["images"]], qa)
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; it replaces `final` only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}.", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_log(folder: Path, name: str, cfg: object, losses: list[float], seconds: float) -> None:
+    info = {"teacher": name, "config": asdict(cfg), "losses": losses, "seconds": round(seconds, 2)}
+    (folder / "teacher.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+
+
+def train_wordpiece(texts: list[str], vocab_size: int) -> BertTokenizerFast:
+    """A BERT-style uncased WordPiece tokenizer with BLIP's [DEC] (its BOS), as BertTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BLIP_SPECIALS))
+    tok.train_from_iterator(texts, trainer)
+    vocab = tok.get_vocab()
+    tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="[DEC]",
+    )
+
+
+def train_bpe(texts: list[str], vocab_size: int, kind: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer in OPT's layout (BOS "</s>" prepended) or T5's ("</s>" appended).
+
+    Byte-level so that the bridge's OPT EOS "\\n" is one token, as in OPT's own vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = {"opt": OPT_SPECIALS, "t5": T5_SPECIALS}[kind]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    if kind == "opt":
+        tok.post_processor = processors.TemplateProcessing(
+            single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        )
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def train_tokenizers(data: TeacherData, out_dir: Path, cfg: TeacherConfig) -> Path:
+    """wordpiece/, opt/, t5/ under out_dir/tokenizers, each a save_pretrained tokenizer folder."""
+    final = Path(out_dir) / "tokenizers"
+    texts = data.texts
+    with atomic_dir(final) as tmp:
+        train_wordpiece(texts, cfg.wordpiece_vocab_size).save_pretrained(tmp / "wordpiece")
+        train_bpe(texts, cfg.bpe_vocab_size, "opt").save_pretrained(tmp / "opt")
+        train_bpe(texts, cfg.bpe_vocab_size, "t5").save_pretrained(tmp / "t5")
+    return final
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup, then cosine to a tenth of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_loop(
+    name: str,
+    model: nn.Module,
+    step_loss: Callable[[int], torch.Tensor],
+    hp: ClipTeacherConfig | CaptionerTeacherConfig | LMTeacherConfig,
+    log_every: int,
+    progress: Progress | None,
+) -> list[float]:
+    """AdamW + warmup/cosine for hp.steps steps of `step_loss(step)`; returns the mean loss of each window."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # norms, biases, logit scale
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp.lr,
+        betas=(0.9, 0.98),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _lr_factor(s, hp.steps, hp.warmup_steps))
+    model.train()
+    losses, window = [], []
+    for step in range(hp.steps):
+        loss = step_loss(step)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        sched.step()
+        window.append(loss.item())
+        if len(window) == log_every or step == hp.steps - 1:
+            losses.append(sum(window) / len(window))
+            window = []
+            log.info("teacher %s: step %d/%d loss %.4f", name, step + 1, hp.steps, losses[-1])
+            if progress is not None:
+                progress(name, step + 1, losses[-1])
+    return losses
+
+
+def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, n, (min(batch_size, n),), generator=generator)
+
+
+def _pick_references(data: TeacherData, idx: torch.Tensor, generator: torch.Generator) -> list[str]:
+    """One reference caption per image of the batch, drawn at random among its references."""
+    picks = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
+    return [data.references[i][p % len(data.references[i])] for i, p in zip(idx.tolist(), picks, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------- CLIP
+
+
+def clip_model_config() -> dict:
+    """The tiny preset's open_clip config, whose image tower is the tiny preset's image encoder."""
+    from blip2_core.config import PRESET_DIR
+
+    return json.loads((PRESET_DIR / f"{CLIP_MODEL_NAME}.json").read_text())
+
+
+def train_clip(
+    data: TeacherData, out_dir: Path, cfg: TeacherConfig, progress: Progress | None = None
+) -> TeacherRun:
+    """CLIP of the tiny preset's architecture, contrastive loss on (image, random reference) pairs.
+
+    Writes out_dir/clip/{blip2-tiny-clip.json, blip2-tiny-clip.safetensors, teacher.json}.
+    """
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from safetensors.torch import save_file
+
+    from blip2_core.vision import create_clip
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = create_clip(CLIP_MODEL_NAME)
+    preprocess = open_clip.image_transform(model.visual.image_size, is_train=False)
+    tokenizer = open_clip.get_tokenizer(CLIP_MODEL_NAME)
+    pixels = torch.stack([preprocess(im) for im in data.images])  # (N, 3, S, S)
+    loss_fn = ClipLoss()
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def step_loss(step: int) -> torch.Tensor:
+        idx = _batch_indices(len(data.images), cfg.clip.batch_size, generator)
+        text = tokenizer(_pick_references(data, idx, generator))  # (B, context_length)
+        out = model(pixels[idx], text)
+        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+
+    model.output_dict = True
+    losses = train_loop("clip", model, step_loss, cfg.clip, cfg.log_every, progress)
+    model.output_dict = False
+    seconds = time.perf_counter() - start
+    final = Path(out_dir) / "clip"
+    with atomic_dir(final) as tmp:
+        (tmp / f"{CLIP_MODEL_NAME}.json").write_text(json.dumps(clip_model_config(), indent=4) + "\n")
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / f"{CLIP_MODEL_NAME}.safetensors"))
+        _write_log(tmp, "clip", cfg.clip, losses, seconds)
+    return TeacherRun(final, losses, seconds)
+
+
+# ----------------------------------------------------------------------------------------------- captioner
+
+
+def blip_captioner_config(
+    hp: CaptionerTeacherConfig, image_size: int, tokenizer: PreTrainedTokenizerBase
+) -> object:
+    from transformers import BlipConfig
+
+    vision = {
+        "hidden_size": hp.vision_width,
+        "intermediate_size": 4 * hp.vision_width,
+        "num_hidden_layers": hp.vision_layers,
+        "num_attention_heads": hp.vision_heads,
+        "image_size": image_size,
+        "patch_size": hp.patch_size,
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hp.text_width,
+        "encoder_hidden_size": hp.vision_width,
+        "intermediate_size": 4 * hp.text_width,
+        "num_hidden_layers": hp.text_layers,
+        "num_attention_heads": hp.text_heads,
+        "max_position_embeddings": 64,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
+    return BlipConfig(text_config=text, vision_config=vision)
+
+
+def captioning_inputs(
+    tokenizer: PreTrainedTokenizerBase, captions: list[str], max_len: int
+) -> tuple[torch.Tensor, ...]:
+    """[DEC] a picture of <caption> [SEP] ids and mask (B, T); labels on the caption and [SEP] only.
+
+    As BLIP's captioner trains: [CLS] becomes the decoder BOS [DEC] and the prompt is not a target.
+    """
+    enc = tokenizer(
+        [CAPTION_PROMPT + c for c in captions],
+        padding="longest",
+        truncation=True,
+        max_length=max_len,
+        return_tensors="pt",
+    )
+    ids, mask = enc.input_ids, enc.attention_mask
+    ids[:, 0] = tokenizer.bos_token_id
+    labels = ids.masked_fill(mask == 0, -100)
+    prompt_len = len(tokenizer(CAPTION_PROMPT).input_ids) - 1  # [CLS] + prompt words, without [SEP]
+    labels[:, :prompt_len] = -100
+    return ids, mask, labels
+
+
+def train_captioner(
+    data: TeacherData, out_dir: Path, cfg: TeacherConfig, progress: Progress | None = None
+) -> TeacherRun:
+    """A small BLIP captioner, next-token loss on "a picture of " + reference given the image.
+
+    Writes out_dir/captioner: save_pretrained model + BlipProcessor (image processor + WordPiece).
+    """
+    from transformers import BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    start = time.perf_counter()
+    hp = cfg.captioner
+    tokenizer = train_wordpiece(data.texts, cfg.wordpiece_vocab_size)
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size=size), tokenizer=tokenizer)
+    torch.manual_seed(cfg.seed)
+    model = BlipForConditionalGeneration(blip_captioner_config(hp, cfg.image_size, tokenizer))
+    pixels = processor.image_processor(data.images, return_tensors="pt").pixel_values  # (N, 3, S, S)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def step_loss(step: int) -> torch.Tensor:
+        idx = _batch_indices(len(data.images), hp.batch_size, generator)
+        ids, mask, labels = captioning_inputs(
+            tokenizer, _pick_references(data, idx, generator), hp.max_text_len
+        )
+        image_embeds = model.vision_model(pixel_values=pixels[idx])[0]  # (B, 1 + patches, W)
+        logits = model.text_decoder(
+            input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds, return_dict=True
+        ).logits  # (B, T, V)
+        # Our own loss: transformers' BLIP decoder loss adds label smoothing 0.1, which flattens the
+        # distribution that CapFilt later samples from.
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+    losses = train_loop("captioner", model, step_loss, hp, cfg.log_every, progress)
+    model.eval()
+    seconds = time.perf_counter() - start
+    final = Path(out_dir) / "captioner"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        _write_log(tmp, "captioner", hp, losses, seconds)
+    return TeacherRun(final, losses, seconds)
+
+
+# ----------------------------------------------------------------------------------------------- LLMs
+
+
+def opt_config(hp: LMTeacherConfig, vocab_size: int):
+    from transformers import OPTConfig
+
+    return OPTConfig(  # ids as OPT's: <pad>=1, </s>=2 is BOS and EOS
+        vocab_size=vocab_size,
+        hidden_size=hp.hidden_size,
+        word_embed_proj_dim=hp.hidden_size,
+        num_hidden_layers=hp.num_layers,
+        num_attention_heads=hp.num_heads,
+        ffn_dim=hp.ffn_dim,
+        max_position_embeddings=hp.max_position_embeddings,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+def t5_config(hp: LMTeacherConfig, vocab_size: int):
+    from transformers import T5Config
+
+    return T5Config(  # FlanT5 (T5 v1.1) layout, as llm_bridge.hf_llm_config builds it
+        vocab_size=vocab_size,
+        d_model=hp.hidden_size,
+        d_kv=hp.d_kv,
+        d_ff=hp.ffn_dim,
+        num_layers=hp.num_layers,
+        num_decoder_layers=hp.num_layers,
+        num_heads=hp.num_heads,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=0,  # transformers 5 generate needs it; decoding starts from <pad>
+        decoder_start_token_id=0,
+    )
+
+
+def _save_llm(name: str, model, tokenizer, hp: LMTeacherConfig, losses, seconds, out_dir: Path) -> Path:
+    model.eval()
+    final = Path(out_dir) / name
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_log(tmp, name, hp, losses, seconds)
+    return final
+
+
+def train_opt(
+    data: TeacherData, out_dir: Path, cfg: TeacherConfig, progress: Progress | None = None
+) -> TeacherRun:
+    """A small OPT trained as a causal LM on "</s>text\\n" for every caption and "Question: q Answer: a"."""
+    from transformers import OPTForCausalLM
+
+    from blip2_core.llm_bridge import lm_loss, pad_right
+
+    start = time.perf_counter()
+    hp = cfg.opt
+    tokenizer = train_bpe(data.texts, cfg.bpe_vocab_size, "opt")
+    texts = data.texts
+    rows = [tokenizer(t + OPT_EOS_TEXT).input_ids[: hp.max_text_len] for t in texts]
+    torch.manual_seed(cfg.seed)
+    model = OPTForCausalLM(opt_config(hp, len(tokenizer)))
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+
+    def step_loss(step: int) -> torch.Tensor:
+        idx = _batch_indices(len(rows), hp.batch_size, generator).tolist()
+        ids, mask = pad_right([rows[i] for i in idx], tokenizer.pad_token_id)  # (B, T)
+        labels = ids.masked_fill(mask == 0, -100)
+        return lm_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+
+    losses = train_loop("opt", model, step_loss, hp, cfg.log_every, progress)
+    seconds = time.perf_counter() - start
+    return TeacherRun(_save_llm("opt", model, tokenizer, hp, losses, seconds, out_dir), losses, seconds)
+
+
+def t5_example(tokenizer, text: str, answer_at: int | None, rng: random.Random, max_len: int):
+    """(encoder ids, target ids) of one prefix-LM example, both ending in </s>.
+
+    A question-answer text is split at its answer half of the time (the zero-shot VQA prompt form), else
+    at a uniform point, as the stage-2 bridge splits captions.
+    """
+    eos = [tokenizer.eos_token_id]
+    if answer_at is not None and rng.random() < 0.5:
+        prompt = tokenizer(text[:answer_at].rstrip(), add_special_tokens=False).input_ids
+        answer = tokenizer(text[answer_at:].strip(), add_special_tokens=False).input_ids
+        return prompt[:max_len] + eos, answer[:max_len] + eos
+    tokens = tokenizer(text, add_special_tokens=False).input_ids[:max_len]
+    k = rng.randint(1, len(tokens) - 1) if len(tokens) >= 2 else 0
+    return tokens[:k] + eos, tokens[k:] + eos
+
+
+def train_t5(
+    data: TeacherData, out_dir: Path, cfg: TeacherConfig, progress: Progress | None = None
+) -> TeacherRun:
+    """A small T5 trained as a prefix LM on the captions and question-answer texts."""
+    from transformers import T5ForConditionalGeneration
+
+    from blip2_core.llm_bridge import pad_right, prefix_lm_loss
+
+    start = time.perf_counter()
+    hp = cfg.t5
+    tokenizer = train_bpe(data.texts, cfg.bpe_vocab_size, "t5")
+    examples = [(c, None) for c in data.captions]
+    examples += [(t, t.index(" Answer: ") + len(" Answer:")) for t in data.qa_texts]
+    torch.manual_seed(cfg.seed)
+    model = T5ForConditionalGeneration(t5_config(hp, len(tokenizer)))
+    generator = torch.Generator().manual_seed(cfg.seed + 3)
+    rng = random.Random(cfg.seed + 3)
+
+    def step_loss(step: int) -> torch.Tensor:
+        idx = _batch_indices(len(examples), hp.batch_size, generator).tolist()
+        pairs = [t5_example(tokenizer, *examples[i], rng, hp.max_text_len) for i in idx]
+        ids, mask = pad_right([p[0] for p in pairs], tokenizer.pad_token_id)  # (B, S_enc)
+        targets, target_mask = pad_right([p[1] for p in pairs], tokenizer.pad_token_id)  # (B, S_dec)
+        labels = targets.masked_fill(target_mask == 0, -100)
+        logits = model(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=model._shift_right(labels)
+        ).logits
+        return prefix_lm_loss(logits, labels)
+
+    losses = train_loop("t5", model, step_loss, hp, cfg.log_every, progress)
+    seconds = time.perf_counter() - start
+    return TeacherRun(_save_llm("t5", model, tokenizer, hp, losses, seconds, out_dir), losses, seconds)
+
+
+# ----------------------------------------------------------------------------------------------- all
+
+
+def train_teachers(
+    corpus_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    cfg: TeacherConfig | None = None,
+    progress: Progress | None = None,
+) -> TeacherPaths:
+    """Train every teacher on the corpus' clean splits into out_dir; each folder appears atomically."""
+    cfg = cfg or TeacherConfig()
+    out = Path(out_dir)
+    data = load_teacher_data(corpus_dir)
+    tokenizers = train_tokenizers(data, out, cfg)
+    clip = train_clip(data, out, cfg, progress)
+    captioner = train_captioner(data, out, cfg, progress)
+    opt = train_opt(data, out, cfg, progress)
+    t5 = train_t5(data, out, cfg, progress)
+    return TeacherPaths(
+        clip_config=clip.path / f"{CLIP_MODEL_NAME}.json",
+        clip_weights=clip.path / f"{CLIP_MODEL_NAME}.safetensors",
+        captioner=captioner.path,
+        opt=opt.path,
+        t5=t5.path,
+        tokenizers=tokenizers,
+    )
