@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s",
         stream=sys.stdout,
     )
-    run_job(TrainJob.read(args[0]))
+    job = TrainJob.read(args[0])
+    log.info("rank %s of %s starts %s (%s)", rank, os.environ.get("WORLD_SIZE", "1"), job.stage, job.run_dir)
+    run_job(job)
     return 0
 
 
