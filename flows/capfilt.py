@@ -545,7 +545,8 @@ def _publish(summary: CapFiltSummary, keep_top: int) -> None:
                 ),
             }
         )
-    failed = f", failed: {', '.join(summary.failed_shards)}" if summary.failed_shards else ""
+    names = list(summary.failed_shards)
+    failed = f", failed: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else ""
     create_table_artifact(
         table=table,
         key=artifact_key("capfilt", summary.config_hash),

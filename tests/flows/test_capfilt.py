@@ -6,6 +6,7 @@ the models are the tiny random BLIP captioner and open_clip ranker of tests/blip
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -141,6 +142,23 @@ def assert_done_shards_have_one_complete_sidecar(home: Path, chash: str) -> list
     return done
 
 
+def flow_artifacts(home: Path, run_id: str) -> dict[str, list]:
+    """type -> the artifacts the flow run behind a catalog run published (progress, table)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with Catalog.open(Layout(home).catalog, read_only=True) as cat:
+        flow_run_id = cat.run(run_id).flow_run_id
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    by_type: dict[str, list] = {}
+    for a in found:
+        by_type.setdefault(a.type, []).append(a)
+    return by_type
+
+
 def task_run_names(home: Path, run_id: str) -> list[str]:
     """The Prefect task runs of the flow run behind a catalog run."""
     from prefect.client.orchestration import get_client
@@ -240,6 +258,13 @@ def test_corrupt_shard_fails_alone_and_a_rerun_does_nothing_new(model_dir, home)
     with Catalog.open(Layout(home).catalog, read_only=True) as cat:
         run = cat.run(first.run_id)
     assert run.status == "done" and run.summary["shards_failed"] == 1
+    artifacts = flow_artifacts(home, first.run_id)
+    assert [a.data for a in artifacts["progress"]] == [100.0]  # updated as the batches came back
+    (table,) = artifacts["table"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["source"] for r in rows] == ["web", "all done shards of the config"]
+    assert (rows[0]["done (this run)"], rows[0]["failed"], rows[0]["samples"]) == (2, 1, 40)
+    assert "web/00001" in table.description
 
     mtimes = {s: p.stat().st_mtime_ns for s, p in sidecars(home, chash).items()}
     again = capfilt_flow(params)
