@@ -51,7 +51,7 @@ from blip2_core.config import Blip2Config, config_from_dict, config_to_dict, loa
 from blip2_core.fileio import atomic_write_text
 from data_catalog import CAPFILT_STAGE, Catalog
 from data_catalog.layout import Layout
-from flows.common import StageBusyError, artifact_key, catalog_session, flow_run_id, layout_for, source_lock
+from flows.common import artifact_key, catalog_session, flow_run_id, layout_for, source_lock
 from flows.torchrun_entry import EventTail, SourceJob, TrainJob, run_job
 
 _POLL_S = 1.0
@@ -412,19 +412,13 @@ def find_previous(
     return None
 
 
-@contextlib.contextmanager
-def _not_running(run_dir: Path) -> Iterator[None]:
-    """Raise StageBusyError while another process trains in `run_dir` (its flow holds the folder lock)."""
-    with source_lock(run_dir):
-        yield
-
-
 def close_stale_run(cat: Catalog, layout: Layout, stage: str, run_id: str, successor: str) -> None:
-    """A 'running' run whose folder lock is free was killed: mark it failed before continuing it."""
+    """A 'running' run whose folder lock is free was killed: mark it failed before continuing it.
+    While its flow still holds the lock, source_lock raises StageBusyError instead."""
     rec = cat.run(run_id)
     if rec is None or rec.status != "running":
         return
-    with _not_running(layout.run_dir(stage, run_id)):
+    with source_lock(layout.run_dir(stage, run_id)):
         cat.finish_run(
             run_id, "failed", {"error": f"interrupted (its process is gone); continued by {successor}"}
         )
@@ -707,7 +701,6 @@ __all__ = [
     "SourceParams",
     "Stage1Params",
     "Stage2Params",
-    "StageBusyError",
     "TrainParams",
     "TrainSummary",
     "stage1_flow",

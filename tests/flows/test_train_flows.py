@@ -135,6 +135,18 @@ def test_resume_continues_the_latest_run_with_the_same_config(home, ingested):
     # resume=False starts over in a new run; a run with another config cannot be continued.
     fresh = stage1_flow(stage1_params(home, ingested[1], steps=2, resume=False, log_every=1))
     assert (fresh.start_step, fresh.resumed_from_run, fresh.step) == (0, None, 2)
+
+    # A run killed mid-way stays 'running' in the catalog; continuing it closes it as failed.
+    with catalog_session(Layout(home)) as cat:
+        killed = cat.start_run("stage1", first.config_hash, {})
+    shutil.copytree(
+        second.last_checkpoint, Layout(home).run_dir("stage1", killed) / "checkpoints" / "step-000010"
+    )
+    third = stage1_flow(stage1_params(home, ingested[1], steps=12))
+    assert (third.resumed_from_run, third.start_step, third.step) == (killed, 10, 12)
+    with open_catalog(home) as cat:
+        closed = cat.run(killed)
+    assert closed.status == "failed" and "interrupted" in closed.summary["error"]
     with pytest.raises(ValueError, match="config hash"):
         stage1_flow(stage1_params(home, ingested[1], steps=12, seed=5, run_id=first.run_id))
 
