@@ -41,6 +41,7 @@ if __name__ == "__main__":
 
 def time_plain(manifest: Path, out: Path, opts: DownloadOptions) -> float:
     kwargs = img2dataset_kwargs(manifest, out, opts, [])
+    out.parent.mkdir(parents=True, exist_ok=True)
     script = out.parent / "plain_img2dataset.py"
     script.write_text(PLAIN)
     t0 = time.perf_counter()
