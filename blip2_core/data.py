@@ -677,12 +677,16 @@ class ShardData:
             self.position.epoch, self.position.index,
         )  # fmt: skip
         pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+        # Starting an iterator draws a base seed; from the global generator it would shift the model's
+        # dropout masks after a resume (the global state is restored before the loader starts).
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.position.epoch)
         return DataLoader(
             dataset,
             batch_size=None,  # the dataset yields whole batches
             num_workers=cfg.num_workers,
             pin_memory=pin,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
+            generator=generator,
         )
 
     def state_dict(self) -> dict:
