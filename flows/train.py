@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from blip2_core.checkpoints import WEIGHTS_FILE, latest_checkpoint
 from blip2_core.config import Blip2Config, config_from_dict, config_to_dict, load_preset
 from blip2_core.fileio import atomic_write_text
+from blip2_core.hf_interop import RUN_CONFIG_FILE
 from data_catalog import CAPFILT_STAGE, Catalog
 from data_catalog.layout import Layout
 from flows.common import artifact_key, catalog_session, flow_run_id, layout_for, source_lock
@@ -620,6 +621,8 @@ def _train_run(stage, params, layout, run_id, run_dir, plan, chash, steps, previ
     record |= {"params": params.model_dump(mode="json"), "job": json.loads(job.to_json())}
     record |= {"config": plan["config"], "resumed_from": None if previous is None else str(previous[1])}
     atomic_write_text(run_dir / "config.json", json.dumps(record, indent=1, sort_keys=True))
+    # The model config alone, where `blip2 checkpoint export-hf <run>/checkpoints/step-N` looks for it.
+    atomic_write_text(run_dir / RUN_CONFIG_FILE, json.dumps(plan["config"], indent=1))
     logger.info(
         "%s run %s: %d step(s) from %d, %d process(es), batch %d per process, sources %s, log %s",
         *(stage, run_id, steps, start, params.nproc, job.batch_size, [s.name for s in job.sources], run_dir),

@@ -109,6 +109,11 @@ def test_stage1_in_process_reaches_the_catalog(home, ingested):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["name"] == "tiny" and config["params"]["steps"] == 10
     assert config["job"]["batch_size"] == 8
+    # export-hf finds the model config two folders above a checkpoint
+    from blip2_core.hf_interop import find_run_config
+
+    assert find_run_config(Path(summary.last_checkpoint)) == run_dir / "blip2_config.json"
+    assert json.loads((run_dir / "blip2_config.json").read_text()) == config["config"]
     assert any((run_dir / "tb").iterdir())
     assert "step 10/10" in (run_dir / "log").read_text()
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
