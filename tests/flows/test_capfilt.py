@@ -341,6 +341,7 @@ def cli_env(home: Path) -> dict[str, str]:
     )
 
 
+@pytest.mark.slow  # a second interpreter start-up: ~30-40 s on the 2 shared cores
 def test_sigkilled_cli_run_resumes_to_exactly_one_sidecar_per_shard(model_dir, home, prefect_harness, capsys):
     folder_root = Layout(home).capfilt_root
     proc = subprocess.Popen(

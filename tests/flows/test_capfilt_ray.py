@@ -53,6 +53,7 @@ def local_ray():
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow  # Ray start-up (~9-14 s) and actor start-up (~30 s) on the 2 shared cores
 def test_ray_engine_runs_batches_on_actors_and_matches_the_local_engine(
     tmp_path_factory, tmp_path, prefect_harness, local_ray, monkeypatch
 ):
