@@ -7,7 +7,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from test_capfilt import (
+from test_capfilt_flow import (
     SHARDS,
     assert_done_shards_have_one_complete_sidecar,
     copy_home,
