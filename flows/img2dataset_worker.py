@@ -16,7 +16,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import img2dataset  # noqa: E402, F401
 from img2dataset.resizer import Resizer  # noqa: E402
 
-from flows.download import probe_image  # noqa: E402
+from flows.image_probe import probe_image  # noqa: E402
 
 _MAX_PIXELS_ENV = "BLIP2_MAX_IMAGE_PIXELS"
 

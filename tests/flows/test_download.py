@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from data_catalog.failures import classify_error
-from flows.download import DownloadOptions, img2dataset_kwargs, probe_image
+from flows.download import DownloadOptions, img2dataset_kwargs
+from flows.image_probe import probe_image
 from flows.retry import recover_interrupted_retries
 
 
