@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/ingest_overhead.py --images 8000 --repeats 2
 
 Both sides download the same synthetic corpus from the same local server with the same img2dataset
-parameters (processes, threads, image size, shard size). "plain" calls `img2dataset.download` directly
-on the URL manifest; "flow" runs `ingest_flow`: manifest validation, img2dataset in a child process
-with the probing resizer, per-shard registration in the catalog (with tar checksums), artifacts.
+parameters (processes, threads, image size, shard size, the manifest's extra columns kept). "plain"
+calls `img2dataset.download` directly on the URL manifest; "flow" runs `ingest_flow`: manifest
+validation, img2dataset in a child process with the probing resizer, per-shard registration in the
+catalog (with tar checksums), artifacts.
 The Prefect API is started once before timing (a deployment talks to a running server). Runs
 alternate plain/flow so that drift on a shared machine hits both. Prints JSON.
 """
@@ -27,6 +28,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
+import pyarrow.parquet as pq  # noqa: E402
+
 from data_catalog.corpus_server import CorpusServer  # noqa: E402
 from data_catalog.synth import SynthConfig, synthesize, url_manifest  # noqa: E402
 from flows.download import DownloadOptions, img2dataset_kwargs  # noqa: E402
@@ -40,7 +43,9 @@ if __name__ == "__main__":
 
 
 def time_plain(manifest: Path, out: Path, opts: DownloadOptions) -> float:
-    kwargs = img2dataset_kwargs(manifest, out, opts, [])
+    # The flow carries the manifest's extra columns (ids, ground truth) into every sample: so does plain.
+    extra = [c for c in pq.read_schema(manifest).names if c not in ("url", "caption")]
+    kwargs = img2dataset_kwargs(manifest, out, opts, extra)
     out.parent.mkdir(parents=True, exist_ok=True)
     script = out.parent / "plain_img2dataset.py"
     script.write_text(PLAIN)
@@ -77,12 +82,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     args = ap.parse_args()
-    opts = DownloadOptions(image_size=96, samples_per_shard=args.samples_per_shard, processes=args.processes,
-                           threads=args.threads, timeout_s=10)
+    opts = DownloadOptions(
+        image_size=96,
+        samples_per_shard=args.samples_per_shard,
+        processes=args.processes,
+        threads=args.threads,
+        timeout_s=10,
+    )
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         tmp = Path(tmp)
-        synthesize(tmp / "corpus", SynthConfig(seed=1, n_pretrain=args.images, n_coco=10, n_vqa_images=10,
-                                               n_retrieval=10))
+        synthesize(
+            tmp / "corpus",
+            SynthConfig(seed=1, n_pretrain=args.images, n_coco=10, n_vqa_images=10, n_retrieval=10),
+        )
         warm_prefect()
         plain, flow = [], []
         with CorpusServer(tmp / "corpus") as srv:
