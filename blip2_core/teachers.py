@@ -491,44 +491,37 @@ def train_captioner(
 # ----------------------------------------------------------------------------------------------- LLMs
 
 
-def opt_config(hp: LMTeacherConfig, vocab_size: int):
-    from transformers import OPTConfig
+def _llm_config(kind: str, hp: LMTeacherConfig, vocab_size: int):
+    """The same transformers config the stage-2 bridge builds for a preset (`llm_bridge.hf_llm_config`:
+    one place for OPT's and FlanT5's layouts and token ids), with dropout off for the tiny corpus."""
+    from blip2_core.config import LLMConfig
+    from blip2_core.llm_bridge import hf_llm_config
 
-    return OPTConfig(  # ids as OPT's: <pad>=1, </s>=2 is BOS and EOS
-        vocab_size=vocab_size,
-        hidden_size=hp.hidden_size,
-        word_embed_proj_dim=hp.hidden_size,
-        num_hidden_layers=hp.num_layers,
-        num_attention_heads=hp.num_heads,
-        ffn_dim=hp.ffn_dim,
-        max_position_embeddings=hp.max_position_embeddings,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=2,
-        dropout=0.0,
-        attention_dropout=0.0,
+    return hf_llm_config(
+        LLMConfig(
+            kind=kind,
+            hidden_size=hp.hidden_size,
+            num_layers=hp.num_layers,
+            num_decoder_layers=hp.num_layers,
+            num_heads=hp.num_heads,
+            ffn_dim=hp.ffn_dim,
+            d_kv=hp.d_kv,
+            vocab_size=vocab_size,
+            max_position_embeddings=hp.max_position_embeddings,
+        )
     )
+
+
+def opt_config(hp: LMTeacherConfig, vocab_size: int):
+    config = _llm_config("opt", hp, vocab_size)
+    config.dropout = config.attention_dropout = 0.0
+    return config
 
 
 def t5_config(hp: LMTeacherConfig, vocab_size: int):
-    from transformers import T5Config
-
-    return T5Config(  # FlanT5 (T5 v1.1) layout, as llm_bridge.hf_llm_config builds it
-        vocab_size=vocab_size,
-        d_model=hp.hidden_size,
-        d_kv=hp.d_kv,
-        d_ff=hp.ffn_dim,
-        num_layers=hp.num_layers,
-        num_decoder_layers=hp.num_layers,
-        num_heads=hp.num_heads,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=0,  # transformers 5 generate needs it; decoding starts from <pad>
-        decoder_start_token_id=0,
-    )
+    config = _llm_config("t5", hp, vocab_size)
+    config.dropout_rate = 0.0
+    return config
 
 
 def _save_llm(name: str, model, tokenizer, hp: LMTeacherConfig, losses, seconds, out_dir: Path) -> Path:
