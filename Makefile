@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint format venv lock clean-venv
+.PHONY: demo test lint format venv lock clean-venv system-deps
 
 venv: $(STAMP)
 
@@ -29,7 +29,11 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	$(BIN)/blip2 demo
 
-test: $(STAMP)
+# PostgreSQL and headless Chromium from Debian's archive, for the shared-server and browser tests.
+system-deps:
+	@scripts/system-deps.sh
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
