@@ -8,6 +8,7 @@ from data_catalog.errors import CatalogError, CatalogLockedError, CatalogVersion
 from data_catalog.failures import FAILURE_PATTERNS, REASONS, classify_error
 from data_catalog.records import (
     CAPFILT_STAGE,
+    CapfiltScoreHistogram,
     CapfiltScoreStats,
     CatalogSummary,
     CheckpointRecord,
@@ -26,6 +27,7 @@ __all__ = [
     "CAPFILT_STAGE",
     "FAILURE_PATTERNS",
     "REASONS",
+    "CapfiltScoreHistogram",
     "CapfiltScoreStats",
     "Catalog",
     "CatalogError",

@@ -34,6 +34,7 @@ from data_catalog.records import (
     CAPFILT_STAGE,
     FINAL_RUN_STATUSES,
     SHARD_STATUSES,
+    CapfiltScoreHistogram,
     CapfiltScoreStats,
     CatalogSummary,
     CheckpointRecord,
@@ -538,6 +539,33 @@ class Catalog:
         )
         return [_capfilt_stats(row) for row in rows]
 
+    def capfilt_score_histogram(self, config_hash: str, bins: int = 20) -> CapfiltScoreHistogram:
+        """The top-1 and the web caption's CLIP scores of one config's done sidecars, counted in `bins`
+        equal-width bins over their joint range. Failed samples and unscored (NaN) captions are left out."""
+        if bins < 1:
+            raise ValueError(f"a histogram needs at least one bin, got {bins}")
+        # scores[-1] is the web caption's score (the candidates come first); bin = floor of the scaled
+        # offset, the maximum folded into the last bin. One value only: everything in bin 0.
+        rows = self._query_sample_files(
+            """
+            , scored AS (
+                SELECT unnest(['top1', 'web']) AS which,
+                       unnest([s.top1_score::DOUBLE, s.scores[-1]::DOUBLE]) AS score
+                FROM samples AS s JOIN files AS f ON s.filename = f.path WHERE s.error IS NULL
+            ),
+            valid AS (SELECT which, score FROM scored WHERE score IS NOT NULL AND NOT isnan(score)),
+            span AS (SELECT min(score) AS lo, max(score) AS hi FROM valid)
+            SELECT which, lo, hi,
+                   least(coalesce(floor((score - lo) / nullif(hi - lo, 0) * $bins), 0), $bins - 1)::INTEGER
+                       AS bin,
+                   count(*)
+            FROM valid, span GROUP BY ALL ORDER BY ALL
+            """,
+            self._done_capfilt_sidecars(config_hash),
+            bins=bins,
+        )
+        return _capfilt_histogram(config_hash, bins, rows)
+
     def _registered_shard_files(self, source: str | None) -> list[_SampleFile]:
         rows = self._fetch(
             "SELECT source, shard, tar_path FROM shards WHERE $source IS NULL OR source = $source "
@@ -572,7 +600,7 @@ class Catalog:
                 )
         return files
 
-    def _query_sample_files(self, sql: str, files: list[_SampleFile]) -> list[tuple]:
+    def _query_sample_files(self, sql: str, files: list[_SampleFile], **params: Any) -> list[tuple]:
         """Run a view over `samples` joined to `files` (see _SAMPLE_FILES_CTE); no files, no rows."""
         if not files:
             return []
@@ -583,6 +611,7 @@ class Catalog:
                 sources=[f.source for f in files],
                 shards=[f.shard for f in files],
                 config_hashes=[f.config_hash for f in files],
+                **params,
             )
         except duckdb.Error as err:
             raise CatalogError(
@@ -818,3 +847,15 @@ def _capfilt_stats(row: tuple) -> CapfiltScoreStats:
     config_hash, samples, errors, mean, quantiles, kept = row
     p10, p50, p90 = quantiles if quantiles is not None else (None, None, None)
     return CapfiltScoreStats(config_hash, samples, errors, mean, p10, p50, p90, kept)
+
+
+def _capfilt_histogram(config_hash: str, bins: int, rows: list[tuple]) -> CapfiltScoreHistogram:
+    if not rows:
+        return CapfiltScoreHistogram(config_hash, (), (), ())
+    lo, hi = rows[0][1], rows[0][2]
+    counts = {"top1": [0] * bins, "web": [0] * bins}
+    for which, _, _, b, n in rows:
+        counts[which][b] = n
+    width = (hi - lo) / bins or (abs(lo) * 0.1 or 1.0) / bins  # one value only: a narrow range from it
+    edges = tuple(lo + i * width for i in range(bins + 1))
+    return CapfiltScoreHistogram(config_hash, edges, tuple(counts["top1"]), tuple(counts["web"]))

@@ -141,6 +141,20 @@ class CapfiltScoreStats:
 
 
 @dataclass(frozen=True)
+class CapfiltScoreHistogram:
+    """CLIP scores of one CapFilt config in equal-width bins over their joint range.
+
+    `top1` counts the best-ranked caption's score (synthetic or web), `web` the web caption's own score;
+    bin i spans edges[i]..edges[i+1] (the last bin includes its right edge). No scores: no bins.
+    """
+
+    config_hash: str
+    edges: tuple[float, ...]
+    top1: tuple[int, ...]
+    web: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SourceSummary:
     name: str
     shards: int
