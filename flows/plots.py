@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Colour-blind-safe (Okabe-Ito), in the order series are given.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
@@ -161,24 +161,26 @@ def _plot_box(frame: Frame) -> str:
     )
 
 
-def _legend(frame: Frame, names: Sequence[str]) -> list[str]:
-    """Colour keys in the top-right corner of the plot area, one row per series."""
+def _with_legend(frame: Frame, names: Sequence[str]) -> tuple[Frame, list[str]]:
+    """Colour keys in rows under the title, wrapped to the frame's width; the canvas grows by the rows
+    it takes, so the plot area keeps its size and no key hides data. One series needs no legend."""
     if len(names) < 2:
-        return []
-    width = 18 + 7 * max(len(n) for n in names)
-    x, y = frame.left + frame.plot_width - width - 8, frame.top + 8
-    out = [
-        f'<rect x="{x - 6}" y="{y - 4}" width="{width + 10}" height="{16 * len(names) + 6}" fill="white" '
-        'fill-opacity="0.85" stroke="#ccc"/>'
-    ]
+        return frame, []
+    out, x, row = [], frame.left, 0
     for i, name in enumerate(names):
-        colour = PALETTE[i % len(PALETTE)]
-        out.append(f'<rect x="{x}" y="{y + 16 * i + 2}" width="10" height="10" fill="{colour}"/>')
+        width = 22 + 6.5 * len(name)
+        if x > frame.left and x + width > frame.width - frame.right:
+            x, row = frame.left, row + 1
+        y = frame.top + 16 * row
         out.append(
-            f'<text class="legend" x="{x + 15}" y="{y + 16 * i + 11}" font-size="11" {_FONT}>'
-            f"{_esc(name)}</text>"
+            f'<rect x="{x:.1f}" y="{y - 9}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
         )
-    return out
+        out.append(
+            f'<text class="legend" x="{x + 14:.1f}" y="{y}" font-size="11" {_FONT}>{_esc(name)}</text>'
+        )
+        x += width
+    grow = 16 * (row + 1)
+    return replace(frame, top=frame.top + grow, height=frame.height + grow), out
 
 
 def _finite_points(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -200,6 +202,7 @@ def line_chart(
         return _no_data(frame, title)
     xs = [x for pts in lines.values() for x, _ in pts]
     ys = [y for pts in lines.values() for _, y in pts]
+    frame, legend = _with_legend(frame, list(lines))
     axes = _Axes(frame, nice_ticks(min(xs), max(xs), 6), nice_ticks(min(ys), max(ys), 5))
     body = [*_y_axis(axes, y_label), *_x_axis(axes, x_label), _plot_box(frame)]
     for i, (name, pts) in enumerate(lines.items()):
@@ -212,7 +215,7 @@ def line_chart(
         if len(pts) == 1:  # a single point is invisible as a line
             x, y = pts[0]
             body.append(f'<circle cx="{axes.x(x):.1f}" cy="{axes.y(y):.1f}" r="3" fill="{colour}"/>')
-    return _svg(frame, title, [*body, *_legend(frame, list(lines))])
+    return _svg(frame, title, [*legend, *body])
 
 
 def histogram(
@@ -232,6 +235,7 @@ def histogram(
     if len(edges) < 2 or not any(any(c) for c in counts.values()):
         return _no_data(frame, title)
     top = max(max(c) for c in counts.values())
+    frame, legend = _with_legend(frame, list(counts))
     axes = _Axes(frame, nice_ticks(edges[0], edges[-1], 6), nice_ticks(0, top, 5))
     body = [*_y_axis(axes, y_label), *_x_axis(axes, x_label)]
     for i, (name, c) in enumerate(counts.items()):
@@ -249,7 +253,7 @@ def histogram(
                 "</rect>"
             )
     body.append(_plot_box(frame))
-    return _svg(frame, title, [*body, *_legend(frame, list(counts))])
+    return _svg(frame, title, [*legend, *body])
 
 
 def bar_chart(
@@ -268,7 +272,10 @@ def bar_chart(
     finite = [x for v in values.values() for x in v if x is not None and math.isfinite(x)]
     if not finite:
         return _no_data(frame, title)
-    axes = _Axes(frame, [0.0, float(len(groups))], nice_ticks(min(0.0, *finite), max(0.0, *finite), 5))
+    frame, legend = _with_legend(frame, list(values))
+    # 8% headroom above the tallest bar for its value label.
+    y_ticks = nice_ticks(min(0.0, *finite) * 1.08, max(0.0, *finite) * 1.08, 5)
+    axes = _Axes(frame, [0.0, float(len(groups))], y_ticks)
     body = _y_axis(axes, y_label)
     slot = frame.plot_width / len(groups)
     width = slot * 0.8 / len(values)
@@ -295,4 +302,4 @@ def bar_chart(
         'stroke="#444"/>'
     )
     body.append(_plot_box(frame))
-    return _svg(frame, title, [*body, *_legend(frame, list(values))])
+    return _svg(frame, title, [*legend, *body])

@@ -63,8 +63,10 @@ def test_line_chart_draws_one_polyline_per_series_in_data_coordinates():
     assert set(lines) == {"loss", "loss_itc"}
     assert len(lines["loss_itc"]) == 2  # the NaN point is left out
     # x ticks 0..20, y ticks 1..4: step 0 -> left edge, loss 4.0 -> top, 2.0 -> 2/3 down, 1.0 -> bottom.
+    # The legend's row under the title moves the plot area down 16 px; the canvas grows by as much.
     pts = [tuple(map(float, p.split(","))) for p in lines["loss"]]
-    assert pts == [(50.0, 30.0), (220.0, pytest.approx(30 + 230 * 2 / 3, abs=0.1)), (390.0, 260.0)]
+    assert pts == [(50.0, 46.0), (220.0, pytest.approx(46 + 230 * 2 / 3, abs=0.1)), (390.0, 276.0)]
+    assert root.get("height") == "316"
     assert "stage 1 <run a&b>" in texts(root)  # escaped in the file, plain once parsed
     assert {"step", "loss"} <= set(texts(root, "axis-label"))
     assert set(texts(root, "legend")) == {"loss", "loss_itc"}
