@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from flows.cli_downstream import add_downstream_parsers
+
 _ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "NO_ALBUMENTATIONS_UPDATE": "1",
@@ -66,6 +68,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         inputs=tuple(args.input or ()),
         format=args.format,
         allow_local=args.allow_local,
+        allow_loopback=args.allow_loopback,
         base_url=args.base_url,
         splits=tuple(args.splits) if args.splits else None,
         download=_download_options(args),
@@ -250,6 +253,106 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return catalog_views.run(args)
 
 
+def _named_values(entries: Sequence[str] | None, option: str, convert: Callable[[str], object]) -> dict:
+    """NAME=VALUE entries of a repeatable option, VALUE converted; a bad entry names the option."""
+    out = {}
+    for entry in entries or ():
+        name, sep, value = entry.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{option} {entry!r}: expected NAME=VALUE")
+        out[name] = convert(value)
+    return out
+
+
+def _json_or_file(value: str) -> object:
+    import json
+
+    return json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from flows.reports import ReportParams, report_flow
+
+    params = ReportParams(
+        run_ids=tuple(args.run) if args.run else None,
+        report_id=args.report_id,
+        baselines_file=args.baselines,
+        figure5=tuple(args.figure5) if args.figure5 else None,
+        capfilt=tuple(args.capfilt) if args.capfilt else None,
+        home=args.home,
+        **({"title": args.title} if args.title else {}),
+        **({"bins": args.bins} if args.bins else {}),
+    )
+    path = report_flow(params)
+    print(f"report {path}")
+    print(f"open it: {path.resolve().as_uri()}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import api_url
+
+    os.environ["PREFECT_API_URL"] = args.api_url or os.environ.get("PREFECT_API_URL") or api_url()
+    from flows.serve import build_deployments, serve_deployments
+
+    deployments = build_deployments(
+        args.only,
+        gpu_limit=args.gpu_limit,
+        cron=_named_values(args.cron, "--cron", str),
+        interval=_named_values(args.interval, "--interval", float),
+        parameters=_named_values(args.parameters, "--parameters", _json_or_file),
+        paused=args.paused,
+    )
+    print(f"serving {len(deployments)} deployment(s) to {os.environ['PREFECT_API_URL']}:")
+    for d in deployments:
+        limit = d.concurrency_limit
+        print(f"  {d.flow_name}/{d.name}" + (f"  (at most {limit} at once)" if limit else ""))
+    serve_deployments(deployments, limit=args.limit)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from flows.serve import start_ui
+
+    start_ui(args.home, args.port)  # replaces this process with the server; returns only on error
+    return 1
+
+
+def _add_service_parsers(sub) -> None:
+    p = sub.add_parser("report", help="HTML report: loss curves, CapFilt histograms, evaluation vs baselines")
+    p.add_argument("--run", action="append", help="a run to report (repeatable; default: every run)")
+    p.add_argument("--report-id", help="folder name under reports/ (default: the one run's id, or new)")
+    p.add_argument("--title")
+    p.add_argument("--baselines", type=Path, help="JSON {name: {'task/dataset/metric': value}}")
+    p.add_argument(
+        "--figure5", nargs=2, metavar=("WITH_STAGE1", "WITHOUT"), help="two stage-2 runs on one loss chart"
+    )
+    p.add_argument("--capfilt", action="append", help="CapFilt config hash to plot (repeatable)")
+    p.add_argument("--bins", type=int, help="CapFilt histogram bins (default 30)")
+    _add_home(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="serve the stage flows as deployments to a Prefect server")
+    p.add_argument("--only", nargs="+", metavar="FLOW", help="serve only these flows (default: all present)")
+    p.add_argument("--gpu-limit", type=int, default=1, help="concurrent runs per GPU stage (0: no limit)")
+    p.add_argument("--limit", type=int, help="flow runs this process runs at once, all deployments")
+    p.add_argument("--cron", action="append", metavar="FLOW=EXPR", help="a cron schedule (UTC)")
+    p.add_argument("--interval", action="append", metavar="FLOW=SECONDS", help="an interval schedule")
+    p.add_argument(
+        "--parameters", action="append", metavar="FLOW=JSON|@FILE", help="default parameters of a deployment"
+    )
+    p.add_argument("--paused", action="store_true", help="register the schedules paused")
+    p.add_argument(
+        "--api-url", help="the Prefect API (default $PREFECT_API_URL or http://127.0.0.1:4200/api)"
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="start a Prefect server with its UI on 127.0.0.1 (the project's database)")
+    p.add_argument("--port", type=int, default=4200)
+    _add_home(p)
+    p.set_defaults(func=cmd_ui)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sbu, sbu_parquet, laion, csv, parquet, jsonl (default parquet)",
     )
     p.add_argument("--allow-local", action="store_true", help="admit file:// URLs")
+    p.add_argument(
+        "--allow-loopback",
+        action="store_true",
+        help="admit hosts on 127.0.0.0/8 and ::1 (a local corpus server); refused by default, as are "
+        "link-local, private, multicast and reserved addresses",
+    )
     p.add_argument("--base-url", help="coco/karpathy formats: URL prefix of the image files")
     p.add_argument("--splits", nargs="+", help="karpathy format: keep only these splits")
     p.add_argument(
@@ -298,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_capfilt)
 
     _add_train_parser(sub)
+    add_downstream_parsers(sub)  # finetune, evaluate, generate
 
     p = sub.add_parser("demo", help="the miniature replication, end to end, on the embedded default")
     p.add_argument("--seed", type=int)
@@ -341,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_id")
     _add_home(c)
     p.set_defaults(func=cmd_catalog)
+
+    _add_service_parsers(sub)
     return parser
 
 
