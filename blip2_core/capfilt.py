@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from blip2_core.fileio import atomic_path
+from blip2_core.fileio import UnsafeKeyError, atomic_path, check_sample_key
 
 # Bump when a change to this file changes what a sidecar contains; it is part of `config_hash`.
 CAPFILT_CODE_VERSION = "1"
@@ -550,11 +550,20 @@ def _group_members(tar: tarfile.TarFile) -> Iterator[Sample]:
         if match.group(1) != key:
             if key is not None:
                 yield _sample(key, parts)
-            key, parts = match.group(1), {}
+            key, parts = _safe_key(match.group(1)), {}
         parts[match.group(2).lower()] = tar.extractfile(member).read()
     if key is not None:
         yield _sample(key, parts)
     _check_end_of_archive(tar)
+
+
+def _safe_key(key: str) -> str:
+    # The key is written into the sidecar and joined on by the trainer: one from a hostile tar that could
+    # name a path outside a folder makes the whole shard unreadable.
+    try:
+        return check_sample_key(key)
+    except UnsafeKeyError as err:
+        raise tarfile.ReadError(str(err)) from err
 
 
 def _check_end_of_archive(tar: tarfile.TarFile) -> None:
@@ -706,6 +715,7 @@ def read_sidecar(path: str | Path) -> dict[str, tuple[str, str]]:
         raise ValueError(f"CapFilt sidecar {path}: missing columns {missing}")
     result = {}
     for row in table.select(["key", "top1", "top2", "error"]).to_pylist():
+        check_sample_key(row["key"])  # UnsafeKeyError: a sidecar that was not ours
         if row["error"] is None and row["top1"] is not None:
             result[row["key"]] = (row["top1"], row["top2"] or row["top1"])
     return result

@@ -37,3 +37,23 @@ def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:
 
 def atomic_write_text(final: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(final, text.encode("utf-8"))
+
+
+class UnsafeKeyError(ValueError):
+    """A sample key from outside (a manifest, a tar, a sidecar) that would name a path outside its folder."""
+
+
+def check_sample_key(key: str) -> str:
+    """`key` itself when it is a safe relative name; UnsafeKeyError when it could escape a folder.
+
+    WebDataset keys may hold folders (`part/0001`), so `/` is allowed inside a key; an absolute path, a
+    `..` segment, a backslash (a Windows separator) or a NUL byte is not. Keys become tar member names,
+    and `tar -x` of a member named `../x.jpg` writes outside the folder it was extracted into.
+    """
+    if not isinstance(key, str) or not key:
+        raise UnsafeKeyError(f"sample key {key!r} is empty or not a string")
+    if key.startswith("/") or "\\" in key or "\x00" in key:
+        raise UnsafeKeyError(f"sample key {key!r} is an absolute path or holds a backslash or NUL byte")
+    if ".." in key.split("/"):
+        raise UnsafeKeyError(f"sample key {key!r} climbs out of its folder ('..')")
+    return key

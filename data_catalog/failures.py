@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import re
 
+from data_catalog.url_safety import BLOCKED_PREFIX, CATEGORIES
+
 OTHER = "other"
 
 FAILURE_PATTERNS: tuple[tuple[str, str], ...] = (
+    # The worker refused the address a host resolved to (url_safety.blocked_message): first, so that no
+    # connection row below claims it.
+    *((BLOCKED_PREFIX + c, rf"blocked address \({c}\)") for c in CATEGORIES),
+    ("blocked_scheme", r"blocked scheme"),
     ("duplicate_url", r"duplicate"),
     ("http_404", r"http error 404\b"),
     ("http_4xx", r"http error 4\d\d\b"),

@@ -84,7 +84,13 @@ def demo_flow(params: DemoParams) -> dict[str, IngestSummary]:
                 continue
             urls = url_manifest(corpus_dir, server.base_url, image_set)
             summaries[source] = ingest_flow(
-                IngestParams(source=source, inputs=(urls.path,), download=download, home=layout.home)
+                IngestParams(
+                    source=source,
+                    inputs=(urls.path,),
+                    download=download,
+                    allow_loopback=True,  # the corpus server is ours, on 127.0.0.1
+                    home=layout.home,
+                )
             )
     finally:
         server.stop()

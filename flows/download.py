@@ -5,9 +5,11 @@ as a child process (img2dataset spawns its own pool, prints progress bars and in
 handlers), watches the shard files it writes, and registers each finished shard in the catalog as it
 appears.
 
-Two things img2dataset does not do that a data engineer needs, added here without forking it:
+Three things img2dataset does not do that a data engineer needs, added here without forking it:
 - refuse decompression bombs before decoding them (img2dataset decodes first, then checks the area), and
   report truncated JPEGs that OpenCV would silently half-decode;
+- refuse hosts that resolve to loopback, link-local, private, multicast or reserved addresses, checked
+  on the address each connection uses (flows.address_guard; loopback only with `allow_loopback`);
 - name the failure reasons in words the catalog classifier understands.
 """
 
@@ -71,7 +73,7 @@ def img2dataset_kwargs(
     )
 
 
-def worker_command(kwargs: dict, max_pixels: int) -> list[str]:
+def worker_command(kwargs: dict, max_pixels: int, allow_loopback: bool = False) -> list[str]:
     """The child-process command line that runs one img2dataset job."""
-    job = json.dumps({"kwargs": kwargs, "max_pixels": max_pixels})
+    job = json.dumps({"kwargs": kwargs, "max_pixels": max_pixels, "allow_loopback": allow_loopback})
     return [sys.executable, "-m", "flows.img2dataset_worker", job]

@@ -1,7 +1,12 @@
 """Child-process entry point that runs one img2dataset job with the probing resizer.
 
-`python -m flows.img2dataset_worker '{"kwargs": {...}, "max_pixels": N}'`. Kept apart from
-`flows.download` because importing img2dataset (OpenCV, albumentations) costs seconds.
+`python -m flows.img2dataset_worker '{"kwargs": {...}, "max_pixels": N, "allow_loopback": false}'`.
+Kept apart from `flows.download` because importing img2dataset (OpenCV, albumentations) costs seconds.
+
+img2dataset downloads in a pool of spawned processes. The resizer is pickled into each of them, so it
+carries what they must do before downloading: check every address they connect to
+(flows.address_guard) and die with this process, so that a worker killed with SIGKILL leaves no pool
+process behind that would go on writing a shard that the re-run writes too.
 """
 
 from __future__ import annotations
@@ -16,20 +21,39 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import img2dataset  # noqa: E402, F401
 from img2dataset.resizer import Resizer  # noqa: E402
 
+from flows.address_guard import install_address_guard  # noqa: E402
 from flows.image_probe import probe_image  # noqa: E402
 
 _MAX_PIXELS_ENV = "BLIP2_MAX_IMAGE_PIXELS"
+_ALLOW_LOOPBACK_ENV = "BLIP2_ALLOW_LOOPBACK"
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class SafeResizer(Resizer):
     """img2dataset's Resizer, but each image's header is probed before OpenCV decodes it.
 
-    The limit is read once, in the parent, and travels with the pickled instance to the pool workers.
+    The limit and the loopback opt-in are read once, in the parent, and travel with the pickled
+    instance to the pool workers, where unpickling installs the address guard.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_pixels = int(os.environ.get(_MAX_PIXELS_ENV, "64000000"))
+        self.allow_loopback = os.environ.get(_ALLOW_LOOPBACK_ENV) == "1"
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        install_address_guard(self.allow_loopback)
+        _die_with_parent()
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         img_stream.seek(0)
@@ -46,6 +70,8 @@ class SafeResizer(Resizer):
 def main(job_json: str) -> None:
     job = json.loads(job_json)
     os.environ[_MAX_PIXELS_ENV] = str(job["max_pixels"])
+    os.environ[_ALLOW_LOOPBACK_ENV] = "1" if job.get("allow_loopback") else "0"
+    install_address_guard(bool(job.get("allow_loopback")))  # a distributor that downloads in-process
     # The package re-exports a function named `main`, which hides the submodule of that name.
     i2d = sys.modules["img2dataset.main"]
     i2d.Resizer = SafeResizer  # download() builds its resizer from this module attribute

@@ -48,6 +48,11 @@ class IngestParams(BaseModel):
     )
     format: str = Field("parquet", description="format of `inputs` (see data_catalog.adapters.ADAPTERS)")
     allow_local: bool = Field(False, description="admit file:// URLs in the manifest")
+    allow_loopback: bool = Field(
+        False,
+        description="admit hosts on 127.0.0.0/8 and ::1 (the demo's corpus server); link-local, private, "
+        "multicast and reserved addresses are always refused",
+    )
     base_url: str | None = Field(None, description="COCO/Karpathy formats: URL prefix of the image files")
     splits: tuple[str, ...] | None = Field(None, description="Karpathy format: keep only these splits")
     download: DownloadOptions = Field(default_factory=DownloadOptions)
@@ -179,13 +184,15 @@ def _kill_with_parent() -> None:
         pass
 
 
-def run_downloader(kwargs: dict, max_pixels: int, log_path: Path, on_poll: Callable[[], None]) -> int:
+def run_downloader(
+    kwargs: dict, opts: DownloadOptions, allow_loopback: bool, log_path: Path, on_poll: Callable[[], None]
+) -> int:
     """Run img2dataset in a child process, calling `on_poll` every second until it exits."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            worker_command(kwargs, max_pixels),
+            worker_command(kwargs, opts.max_image_pixels, allow_loopback),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -223,6 +230,7 @@ def prepare_manifest(params: IngestParams, home: str) -> dict:
         "inputs": [str(p) for p in inputs],
         "fingerprint": files_fingerprint(inputs),
         "allow_local": params.allow_local,
+        "allow_loopback": params.allow_loopback,
         "base_url": params.base_url,
         "splits": list(params.splits) if params.splits else None,  # as JSON reads it back
     }
@@ -231,7 +239,12 @@ def prepare_manifest(params: IngestParams, home: str) -> dict:
         get_run_logger().info("manifest of %s is up to date with its inputs: not rebuilt", params.source)
         return {"manifest_dir": str(out_dir), "candidate": None}
     candidate = out_dir.with_name(f".candidate-{params.source}")
-    options = ManifestOptions(allow_local=params.allow_local, base_url=params.base_url, splits=params.splits)
+    options = ManifestOptions(
+        allow_local=params.allow_local,
+        allow_loopback=params.allow_loopback,
+        base_url=params.base_url,
+        splits=params.splits,
+    )
     report = build_manifest(params.format, inputs, candidate, options=options)
     get_run_logger().info(
         "manifest %s: %d of %d rows kept, dropped %s",
@@ -330,7 +343,7 @@ def download_shards(
     # A quarantined shard is re-downloaded by a second pass: img2dataset skips every finished one.
     for attempt in range(2):
         before = len(stats["quarantined"])
-        code = run_downloader(kwargs, params.download.max_image_pixels, log_path, poll)
+        code = run_downloader(kwargs, params.download, params.allow_loopback, log_path, poll)
         if code != 0:
             raise RuntimeError(f"img2dataset exited with status {code}; its log is {log_path}")
         if len(stats["quarantined"]) == before:
@@ -358,7 +371,9 @@ def retry_failed_urls(params: IngestParams, home: str) -> dict:
     with catalog_session(layout) as cat:
         shards = [s for s in cat.shards(params.source) if s.samples_failed]
     for rec in shards:
-        result = retry_shard_failures(shard_dir, rec.shard, params.download, set(params.retry_reasons))
+        result = retry_shard_failures(
+            shard_dir, rec.shard, params.download, set(params.retry_reasons), params.allow_loopback
+        )
         if result.retried == 0:
             continue
         with catalog_session(layout) as cat:

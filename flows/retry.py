@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blip2_core.fileio import atomic_write_text
+from blip2_core.fileio import atomic_write_text, check_sample_key
 from data_catalog.failures import classify_error
 from flows.download import DownloadOptions, img2dataset_kwargs, worker_command
 
@@ -54,18 +54,20 @@ class RetryResult:
 
 
 def retry_shard_failures(
-    shard_dir: Path, shard: str, opts: DownloadOptions, reasons: set[str]
+    shard_dir: Path, shard: str, opts: DownloadOptions, reasons: set[str], allow_loopback: bool = False
 ) -> RetryResult:
     """Download again the failed samples of one finished shard whose reason is in `reasons`."""
     table = pq.read_table(shard_dir / f"{shard}.parquet")
     rows = table.to_pylist()
+    for row in rows:  # keys become tar member names below: none may climb out of a folder
+        check_sample_key(row["key"])
     todo = [r for r in rows if r["status"] != "success" and classify_error(r["error_message"]) in reasons]
     if not todo:
         return RetryResult(0, 0)
     work = shard_dir / "_retry" / shard
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    fresh = _download_again(todo, table.column_names, work, opts)
+    fresh = _download_again(todo, table.column_names, work, opts, allow_loopback)
     recovered = {r[_ORIG_KEY]: r for r in fresh if r["status"] == "success"}
     retried = {r[_ORIG_KEY]: r for r in fresh}
     staged = {
@@ -90,7 +92,9 @@ def recover_interrupted_retries(shard_dir: Path) -> int:
     return len(journals)
 
 
-def _download_again(todo: list[dict], columns: list[str], work: Path, opts: DownloadOptions) -> list[dict]:
+def _download_again(
+    todo: list[dict], columns: list[str], work: Path, opts: DownloadOptions, allow_loopback: bool
+) -> list[dict]:
     extra = [c for c in columns if c not in _IMG2DATASET_COLUMNS]
     urls = [
         {"url": r["url"], "caption": r["caption"], _ORIG_KEY: r["key"], **{c: r[c] for c in extra}}
@@ -101,7 +105,7 @@ def _download_again(todo: list[dict], columns: list[str], work: Path, opts: Down
     kwargs = img2dataset_kwargs(work / "urls.parquet", work / "out", one_shard, [*extra, _ORIG_KEY])
     with open(work / "img2dataset.log", "wb") as log:
         subprocess.run(
-            worker_command(kwargs, opts.max_image_pixels),
+            worker_command(kwargs, opts.max_image_pixels, allow_loopback),
             stdout=log,
             stderr=subprocess.STDOUT,
             check=True,

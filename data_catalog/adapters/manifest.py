@@ -3,8 +3,10 @@
 An adapter turns one public format into Arrow tables with at least `url` and `caption` (plus its
 source-id columns). It may mark rows it refuses itself (a LAION filter, a region without an image URL)
 in a `_drop` column holding the reason. Everything else is decided here, the same way for every
-source: missing URLs, URL schemes img2dataset cannot fetch, empty captions and duplicate URLs are
-dropped and counted by reason, then the surviving rows are written as Parquet parts of bounded size.
+source: missing URLs, URL schemes img2dataset cannot fetch, hosts that are IP literals in a refused range
+(loopback, link-local, private, multicast, reserved: `blocked_<range>`, see data_catalog/url_safety.py),
+unsafe sample keys, empty captions and duplicate URLs are dropped and counted by reason, then the
+surviving rows are written as Parquet parts of bounded size.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from blip2_core.fileio import atomic_path, atomic_write_text
+from blip2_core.fileio import UnsafeKeyError, atomic_path, atomic_write_text, check_sample_key
+from data_catalog.url_safety import literal_host_refusal
 
 DROP_COLUMN = "_drop"
 REPORT_NAME = "manifest.json"
@@ -56,6 +59,7 @@ class ManifestOptions:
     """Options of `build_manifest`; each adapter reads only the fields that concern its format."""
 
     allow_local: bool = False  # admit file:// URLs (img2dataset reads them; bare paths it does not)
+    allow_loopback: bool = False  # admit 127.0.0.0/8 and ::1 hosts (the demo's and the tests' corpus server)
     part_rows: int = 1_000_000
     batch_rows: int = 65_536  # rows read at a time from streamed inputs
     base_url: str | None = None  # COCO / Karpathy: url = base_url + file path
@@ -110,6 +114,42 @@ def _scheme_ok(url: pa.Array, allow_local: bool) -> pa.Array:
     return ok
 
 
+# Hosts that may be IP literals (dotted digits or a bracketed IPv6), so only those rows reach Python.
+_IP_LITERAL_HOST = r"^[a-z][a-z0-9+.-]*://([^/@?#]*@)?(\[|[0-9.]+(:|/|\?|#|$))"
+
+
+def _mark_blocked_hosts(url: pa.Array, reasons: pa.Array, allow_loopback: bool) -> pa.Array:
+    """`blocked_<range>` for URLs whose host is an IP literal in a refused range (first reason wins)."""
+    candidates = pc.match_substring_regex(pc.utf8_lower(url), _IP_LITERAL_HOST)
+    if not pc.any(candidates).as_py():
+        return reasons
+    marked = reasons.to_pylist()
+    for i, (u, hit) in enumerate(zip(url.to_pylist(), candidates.to_pylist(), strict=True)):
+        if hit and marked[i] is None:
+            marked[i] = literal_host_refusal(u, allow_loopback)
+    return pa.array(marked, pa.string())
+
+
+def _unsafe_key(key: object) -> bool:
+    try:
+        check_sample_key(str(key))
+    except UnsafeKeyError:
+        return True
+    return False
+
+
+def _mark_unsafe_keys(table: pa.Table, reasons: pa.Array) -> pa.Array:
+    """A source's own `key` column travels into the shards beside img2dataset's keys: refuse any that
+    would name a path outside a folder (`../x`, `/etc/x`)."""
+    if "key" not in table.column_names:
+        return reasons
+    keys = table["key"].combine_chunks()
+    if not pa.types.is_string(keys.type) and not pa.types.is_large_string(keys.type):
+        return reasons  # numbers cannot escape a folder
+    unsafe = pa.array([k is not None and _unsafe_key(k) for k in keys.to_pylist()], pa.bool_())
+    return _mark(reasons, unsafe, "unsafe_key")
+
+
 def _mark_duplicates(url: pa.Array, reasons: pa.Array, seen: set[int]) -> pa.Array:
     marked = reasons.to_pylist()
     for i, (u, reason) in enumerate(zip(url.to_pylist(), marked, strict=True)):
@@ -128,6 +168,7 @@ class Validator:
     """Drops bad rows batch by batch, keeping counts and the URLs seen so far (first occurrence wins)."""
 
     allow_local: bool
+    allow_loopback: bool = False
     n_in: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     seen: set[int] = field(default_factory=set)
@@ -143,6 +184,8 @@ class Validator:
             reasons = pa.nulls(table.num_rows, pa.string())
         reasons = _mark(reasons, pc.equal(url, ""), "missing_url")
         reasons = _mark(reasons, pc.invert(_scheme_ok(url, self.allow_local)), "bad_scheme")
+        reasons = _mark_blocked_hosts(url, reasons, self.allow_loopback)
+        reasons = _mark_unsafe_keys(table, reasons)
         reasons = _mark(reasons, pc.equal(caption, ""), "empty_caption")
         reasons = _mark_duplicates(url, reasons, self.seen)
         counts = pc.value_counts(reasons.drop_null())
@@ -227,7 +270,8 @@ def write_manifest(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}.", dir=out_dir.parent))
     try:
-        validate, writer = Validator(options.allow_local), PartWriter(staging, options.part_rows)
+        validate = Validator(options.allow_local, options.allow_loopback)
+        writer = PartWriter(staging, options.part_rows)
         n_out = 0
         for table in tables:
             kept = validate(table)

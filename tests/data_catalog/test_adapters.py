@@ -37,7 +37,7 @@ def test_coco_captions_one_row_per_image_with_all_captions(tmp_path):
 
 
 def test_coco_base_url_builds_urls_from_file_name(tmp_path):
-    options = ManifestOptions(base_url="http://127.0.0.1:8000/val2014/")
+    options = ManifestOptions(base_url="http://127.0.0.1:8000/val2014/", allow_loopback=True)
     report = build_manifest(
         "coco", [FIXTURES / "captions_val2014_mini.json"], tmp_path / "m", options=options
     )

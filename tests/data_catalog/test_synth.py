@@ -168,7 +168,9 @@ def test_url_manifest_with_faults_reads_as_a_parquet_source(corpus, tmp_path):
     order = [r["url"] for r in rows]
     for r in (r for r in rows if r["fault"] == "duplicate_url"):
         assert order.index(r["url"]) < len(order) - 1 - order[::-1].index(r["url"])  # original comes first
-    report = build_manifest("parquet", [urls.path], tmp_path / "m", options=ManifestOptions())
+    report = build_manifest(
+        "parquet", [urls.path], tmp_path / "m", options=ManifestOptions(allow_loopback=True)
+    )
     assert report.dropped == {"duplicate_url": 3}
     assert set(pq.read_schema(report.parts[0]).names) >= {"url", "caption", "gt_caption", "web_caption_kind"}
 

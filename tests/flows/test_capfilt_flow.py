@@ -66,7 +66,9 @@ def ingested_template(tmp_path_factory) -> Path:
     with CorpusServer(corpus) as srv:
         manifest = url_manifest(corpus, srv.base_url, "pretrain", out=corpus.parent / "urls.parquet")
         summary = ingest_flow(
-            IngestParams(source=SOURCE, inputs=(manifest.path,), download=options, home=home)
+            IngestParams(
+                source=SOURCE, inputs=(manifest.path,), download=options, allow_loopback=True, home=home
+            )
         )
     assert (summary.shards, summary.samples_ok) == (3, 60)
     _TEMPLATE["home"] = home

@@ -86,7 +86,9 @@ def test_ingest_2000_images_with_faults(corpus, tmp_path, prefect_harness):
         manifest = url_manifest(
             corpus, srv.base_url, "pretrain", out=tmp_path / "urls.parquet", faults=FAULTS
         )
-        params = IngestParams(source="synth", inputs=(manifest.path,), download=small_options(), home=home)
+        params = IngestParams(
+            source="synth", inputs=(manifest.path,), download=small_options(), allow_loopback=True, home=home
+        )
         summary = ingest_flow(params)
 
     n_faulty = sum(n for kind, n in FAULTS.counts().items() if kind != "duplicate_url")
@@ -132,7 +134,11 @@ def test_retry_failed_recovers_urls_that_come_back(corpus, tmp_path, prefect_har
         keep = [r for r in rows if r["fault"] is None][:30] + [r for r in rows if r["fault"] is not None]
         pq.write_table(pa.Table.from_pylist(keep), small)
         params = IngestParams(
-            source="flaky", inputs=(small,), download=small_options(samples_per_shard=20), home=home
+            source="flaky",
+            inputs=(small,),
+            download=small_options(samples_per_shard=20),
+            allow_loopback=True,
+            home=home,
         )
         first = ingest_flow(params)
         assert first.failures == {"connection_refused": 3, "http_404": 1}
@@ -196,6 +202,7 @@ def test_killed_ingest_resumes_to_complete_shards(corpus, tmp_path):
             "4",
             "--timeout",
             "2",
+            "--allow-loopback",
         ]
         proc = _run_cli_ingest(args, env)
         shard_dir = Layout(home).shards("killed")

@@ -39,7 +39,10 @@ def build_training_home(root: Path) -> tuple[Path, Path]:
     with CorpusServer(corpus) as srv:
         manifest = url_manifest(corpus, srv.base_url, "pretrain", out=root / "urls.parquet")
         options = DownloadOptions(image_size=64, samples_per_shard=32, processes=1, threads=8, timeout_s=5.0)
-        ingest_flow(IngestParams(source="synth", inputs=(manifest.path,), download=options, home=home))
+        params = IngestParams(
+            source="synth", inputs=(manifest.path,), download=options, allow_loopback=True, home=home
+        )
+        ingest_flow(params)
     captions = pq.read_table(root / "urls.parquet", columns=["caption"]).column("caption").to_pylist()
     tokenizer = root / "wordpiece"
     train_wordpiece(captions, vocab_size=300).save_pretrained(tokenizer)
