@@ -61,7 +61,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_gather_across_two_gloo_ranks_keeps_only_the_local_gradient(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     expected = torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)])
     for rank, res in enumerate(results):
         assert res["world"] == 2
