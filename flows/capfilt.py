@@ -42,7 +42,14 @@ from blip2_core.capfilt import (
 )
 from data_catalog import CAPFILT_STAGE, Catalog, CatalogError
 from data_catalog.layout import Layout
-from flows.common import artifact_key, catalog_session, flow_run_id, layout_for, source_lock
+from flows.common import (
+    artifact_key,
+    catalog_session,
+    flow_run_id,
+    layout_for,
+    require_paths,
+    source_lock,
+)
 
 _DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(CapFiltConfig) if f.default is not dataclasses.MISSING
@@ -427,6 +434,10 @@ def run_batches(
 @flow(name="capfilt", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=_MAX_TASK_THREADS))
 def capfilt_flow(params: CapFiltParams) -> CapFiltSummary:
     """Caption, rank and filter the web captions of registered shards; sidecars keyed by config hash."""
+    require_paths(
+        files={"ranker.weights": params.ranker.weights, "ranker.config": params.ranker.config},
+        dirs={"captioner": params.captioner},
+    )
     logger = get_run_logger()
     layout = layout_for(params.home)
     with open_engine(params) as engine, contextlib.ExitStack() as locks:

@@ -41,9 +41,8 @@ def _add_download_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-image-pixels", type=int, help="refuse larger images before decoding them")
 
 
-def _download_options(args: argparse.Namespace):
-    from flows.download import DownloadOptions
-
+def _download_options(args: argparse.Namespace) -> dict:
+    """The download options given; IngestParams validates them, so errors name `download.<field>`."""
     names = (
         "image_size",
         "resize_mode",
@@ -54,7 +53,7 @@ def _download_options(args: argparse.Namespace):
         "retries",
         "max_image_pixels",
     )
-    return DownloadOptions(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 # --- subcommands -----------------------------------------------------------------------------------
@@ -91,7 +90,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_capfilt(args: argparse.Namespace) -> int:
-    from flows.capfilt import CapFiltParams, RankerParams, SamplingParams, capfilt_flow
+    from flows.capfilt import CapFiltParams, capfilt_flow
 
     sampling = {n: getattr(args, n) for n in ("num_captions", "top_p", "max_length", "min_length", "seed")}
     runner = ("batch_size", "shards_per_task", "device", "num_workers", "num_gpus", "ray_address", "home")
@@ -99,8 +98,9 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
         sources=tuple(args.source),
         shards=tuple(args.shards) if args.shards else None,
         captioner=args.captioner,
-        ranker=RankerParams(model=args.ranker_model, weights=args.ranker_weights, config=args.ranker_config),
-        sampling=SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
+        # Plain dicts: CapFiltParams validates them, so an error names `ranker.<field>` / `sampling.<field>`.
+        ranker={"model": args.ranker_model, "weights": args.ranker_weights, "config": args.ranker_config},
+        sampling={k: v for k, v in sampling.items() if v is not None},
         force=args.force,
         engine=args.engine,
         **{k: getattr(args, k) for k in runner if getattr(args, k) is not None},
@@ -117,6 +117,14 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number_or_text(text: str) -> float | str:
+    """A number when `text` is one; else the text, for the parameter model to refuse by field name."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _train_sources(args: argparse.Namespace) -> list:
     """--source NAME[:WEIGHT] entries, with the shards that --shards NAME=ID,ID names for them."""
     chosen: dict[str, list[str]] = {}
@@ -128,7 +136,7 @@ def _train_sources(args: argparse.Namespace) -> list:
     sources = []
     for entry in args.source:
         name, _, weight = entry.partition(":")
-        source = {"name": name, **({"weight": float(weight)} if weight else {})}
+        source = {"name": name, **({"weight": _number_or_text(weight)} if weight else {})}
         if name in chosen:
             source["shards"] = chosen.pop(name)
         sources.append(source)
@@ -456,6 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _field_errors(err) -> str:
+    """One line per problem of a pydantic ValidationError: `  field.path: problem (got value)`."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(part) for part in e["loc"]) or "(parameters)"
+        got = "" if e["type"] == "missing" else f" (got {repr(e.get('input'))[:80]})"
+        lines.append(f"  {where}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -469,8 +487,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # a clear one-line message; the flow run keeps the traceback
         from pydantic import ValidationError
 
+        from flows.common import ParameterError
+
         if isinstance(err, ValidationError):
-            print(f"blip2 {args.command}: invalid parameters:\n{err}", file=sys.stderr)
+            print(f"blip2 {args.command}: invalid parameters:\n{_field_errors(err)}", file=sys.stderr)
+            return 2
+        if isinstance(err, ParameterError):
+            print(f"blip2 {args.command}: {err}", file=sys.stderr)
             return 2
         if os.environ.get("BLIP2_TRACEBACK"):
             raise

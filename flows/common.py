@@ -67,3 +67,26 @@ def source_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --- parameter checks the flows run first, before any work ----------------------------------------
+# Paths are checked by the flow, not by the parameter models: a deployment's parameters are written on
+# one machine and run on another, where the models' folders may only exist on the worker.
+
+
+class ParameterError(ValueError):
+    """Flow parameters that are well-formed but unusable here; the message names each field."""
+
+
+def require_paths(
+    files: dict[str, Path | None] | None = None, dirs: dict[str, Path | None] | None = None
+) -> None:
+    """Raise ParameterError naming every field whose path is not an existing file (or folder)."""
+    problems = [
+        f"{field}: {path} is not an existing {kind}"
+        for kind, paths, exists in (("file", files, Path.is_file), ("folder", dirs, Path.is_dir))
+        for field, path in (paths or {}).items()
+        if path is not None and not exists(Path(path))
+    ]
+    if problems:
+        raise ParameterError("invalid parameters:\n  " + "\n  ".join(problems))

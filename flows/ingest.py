@@ -26,7 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from blip2_core.fileio import atomic_write_text
 from data_catalog import Catalog, CatalogError, ShardIntegrityError
 from data_catalog.layout import Layout
-from flows.common import artifact_key, catalog_session, flow_run_id, layout_for, source_lock
+from flows.common import (
+    artifact_key,
+    catalog_session,
+    flow_run_id,
+    layout_for,
+    require_paths,
+    source_lock,
+)
 from flows.download import DownloadOptions, img2dataset_kwargs, worker_command
 from flows.retry import RETRYABLE_REASONS, recover_interrupted_retries, retry_shard_failures
 
@@ -405,6 +412,7 @@ def summary_table(cat: Catalog, source: str) -> list[dict]:
 @flow(name="ingest", log_prints=True)
 def ingest_flow(params: IngestParams) -> IngestSummary:
     """Download a source's URL manifest into WebDataset shards and register them in the catalog."""
+    require_paths(files={f"inputs.{i}": p for i, p in enumerate(params.inputs)})
     logger = get_run_logger()
     layout = layout_for(params.home)
     shard_dir = layout.shards(params.source)

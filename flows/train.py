@@ -52,7 +52,14 @@ from blip2_core.fileio import atomic_write_text
 from blip2_core.hf_interop import RUN_CONFIG_FILE
 from data_catalog import CAPFILT_STAGE, Catalog
 from data_catalog.layout import Layout
-from flows.common import artifact_key, catalog_session, flow_run_id, layout_for, source_lock
+from flows.common import (
+    artifact_key,
+    catalog_session,
+    flow_run_id,
+    layout_for,
+    require_paths,
+    source_lock,
+)
 from flows.torchrun_entry import EventTail, SourceJob, TrainJob, run_job
 
 _POLL_S = 1.0
@@ -112,10 +119,16 @@ class TrainParams(BaseModel):
             value = [value]
         return [_source_from_text(v) if isinstance(v, str) else v for v in value]
 
+    @field_validator("preset")
+    @classmethod
+    def _preset_loads(cls, value: str) -> str:
+        load_preset(value)  # unknown name, missing file, unknown key or wrong type: refused here
+        return value
+
 
 def _source_from_text(text: str) -> dict:
     name, _, weight = text.partition(":")
-    return {"name": name} if not weight else {"name": name, "weight": float(weight)}
+    return {"name": name} if not weight else {"name": name, "weight": weight}  # pydantic checks the number
 
 
 class Stage1Params(TrainParams):
@@ -579,6 +592,7 @@ def _model_inputs(cat: Catalog, layout: Layout, stage: str, params: TrainParams,
 
 def run_training(stage: str, params: TrainParams) -> TrainSummary:
     """Steps 1-5 of the module docstring, for either stage."""
+    require_paths(dirs={f: getattr(params, f, None) for f in ("tokenizer", "bert_init", "llm")})
     layout = layout_for(params.home)
     cfg = resolved_config(params)
     stage_cfg = cfg.stage1 if stage == "stage1" else cfg.stage2

@@ -1,0 +1,68 @@
+"""Bad parameters through the command line: exit code 2, the field named, and no work started."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.cli import main
+
+
+@pytest.fixture()
+def home(tmp_path):
+    return tmp_path / "var"
+
+
+def run(capsys, argv: list[str]) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code: int, err: str, *fields: str) -> None:
+    assert code == 2, err
+    assert "invalid parameters" in err
+    for field in fields:
+        assert field in err, f"{field!r} not named in:\n{err}"
+
+
+@pytest.mark.parametrize(
+    ("extra", "fields"),
+    [
+        (["--image-size", "0"], ["download.image_size", "greater than or equal to 8"]),
+        (["--processes", "0", "--timeout", "-1"], ["download.processes", "download.timeout_s"]),
+        (["--max-image-pixels", "0"], ["download.max_image_pixels"]),
+    ],
+)
+def test_ingest_download_options(capsys, home, extra, fields):
+    code, err = run(capsys, ["ingest", "--source", "web", "--home", str(home), *extra])
+    assert_refused(code, err, *fields)
+    assert not home.exists()
+
+
+def test_ingest_missing_input_is_named_before_any_work(capsys, home, tmp_path, prefect_harness):
+    missing = tmp_path / "nope.parquet"
+    code, err = run(capsys, ["ingest", "--source", "web", "--input", str(missing), "--home", str(home)])
+    assert_refused(code, err, "inputs.0", str(missing))
+    assert not home.exists()  # no catalog, no manifest, no run
+
+
+def test_capfilt_sampling_and_model_paths(capsys, home, tmp_path, prefect_harness):
+    base = ["capfilt", "--source", "web", "--home", str(home)]
+    models = ["--captioner", str(tmp_path / "cap"), "--ranker-weights", str(tmp_path / "w.safetensors")]
+    code, err = run(capsys, [*base, *models, "--top-p", "1.5", "--num-captions", "0"])
+    assert_refused(code, err, "sampling.top_p", "sampling.num_captions")
+    code, err = run(capsys, [*base, *models])
+    assert_refused(code, err, "captioner:", "ranker.weights:")
+    assert not home.exists()
+
+
+def test_train_numbers_weights_preset_and_folders(capsys, home, tmp_path, prefect_harness):
+    base = ["train", "stage1", "--home", str(home)]
+    code, err = run(capsys, [*base, "--source", "web", "--batch-size", "0", "--lr", "-1"])
+    assert_refused(code, err, "batch_size", "lr")
+    code, err = run(capsys, [*base, "--source", "web:heavy"])
+    assert_refused(code, err, "sources.0.weight", "'heavy'")
+    code, err = run(capsys, [*base, "--source", "web", "--preset", "no-such-preset"])
+    assert_refused(code, err, "preset", "unknown preset")
+    code, err = run(capsys, [*base, "--source", "web", "--tokenizer", str(tmp_path / "no-tokenizer")])
+    assert_refused(code, err, "tokenizer:", "not an existing folder")
+    assert not home.exists()
