@@ -68,9 +68,10 @@ def _wait_healthy(api: str, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"the Prefect server was not healthy after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture()
-def prefect_server(tmp_path):
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
     """`blip2 ui` on a free loopback port with a private Prefect home; yields (UI URL, API URL)."""
+    tmp_path = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     log = tmp_path / "server.log"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "server-prefect-home")}
@@ -149,3 +150,37 @@ def test_the_ui_shows_the_report_flow_run_and_its_artifact(prefect_server, tmp_p
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_served_deployments_register_with_their_limits_and_show_in_the_ui(prefect_server, tmp_path):
+    """What `blip2 serve` registers before it starts polling: the deployments, GPU stages limited."""
+    from playwright.sync_api import sync_playwright
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import build_deployments
+
+    ui, api = prefect_server
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        for deployment in build_deployments(["ingest", "stage1", "report"]):
+            deployment.apply()
+    response = httpx.post(f"{api}/deployments/filter", json={})
+    response.raise_for_status()
+    registered = {d["name"]: d for d in response.json()}
+    assert set(registered) == {"ingest", "stage1", "report"}
+    assert registered["stage1"]["global_concurrency_limit"]["limit"] == 1
+    assert registered["stage1"]["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert registered["ingest"]["global_concurrency_limit"] is None
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 900},
+        )  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.goto(f"{ui}/deployments")
+            for name in ("ingest", "stage1", "report"):
+                page.get_by_text(name, exact=True).first.wait_for(timeout=UI_WAIT_MS)
+            screenshot(page, "deployments.png", tmp_path)
+        finally:
+            browser.close()
