@@ -211,7 +211,13 @@ def _add_train_parser(sub) -> None:
             c.add_argument("--tokenizer", type=Path, help="BERT-style tokenizer folder")
             c.add_argument("--bert-init", type=Path, help="BERT checkpoint folder for the Q-Former")
         else:
-            c.add_argument("--stage1-run", required=True, help="the stage-1 run id to start from")
+            start = c.add_mutually_exclusive_group(required=True)
+            start.add_argument("--stage1-run", help="the stage-1 run id to start from")
+            start.add_argument(
+                "--no-stage1",
+                action="store_true",
+                help="start from a fresh Q-Former (the paper's Figure 5 ablation without stage 1)",
+            )
             c.add_argument("--llm", type=Path, help="frozen LLM folder (default: the preset's llm.name)")
         _add_home(c)
     p.set_defaults(func=cmd_train)
