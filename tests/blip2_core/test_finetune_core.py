@@ -113,7 +113,7 @@ def test_readers_by_hand(tmp_path):
     assert [(r.text, r.image_id) for r in records] == [("a green card", 1), ("a red card", 0), ("green", 1)]
 
     questions = {"questions": [{"question_id": 10, "image_id": 3, "question": "what colour?"}]}
-    answers = {"annotations": [{"question_id": 10, "answers": [{"answer": a} for a in "b a b c".split()]}]}
+    answers = {"annotations": [{"question_id": 10, "answers": [{"answer": a} for a in ["b", "a", "b", "c"]]}]}
     (tmp_path / "q.json").write_text(json.dumps(questions))
     (tmp_path / "a.json").write_text(json.dumps(answers))
     (record,) = vqa_records(tmp_path / "q.json", tmp_path / "a.json", tmp_path / "img", "{image_id:03d}.png")
