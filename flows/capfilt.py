@@ -47,6 +47,7 @@ from flows.common import (
     catalog_session,
     flow_run_id,
     layout_for,
+    redact,
     require_paths,
     source_lock,
 )
@@ -456,7 +457,7 @@ def capfilt_flow(params: CapFiltParams) -> CapFiltSummary:
             tally = run_batches(batches, config_to_dict(cfg), engine, layout, chash, run_id)
         except BaseException as err:
             with catalog_session(layout) as cat:
-                cat.finish_run(run_id, "failed", {"error": str(err)[:2000]})
+                cat.finish_run(run_id, "failed", {"error": redact(str(err))[:2000]})
             raise
         with catalog_session(layout) as cat:
             summary = summarize(cat, params, plan, tally, chash, run_id, len(batches))
@@ -576,4 +577,4 @@ def _publish(summary: CapFiltSummary, keep_top: int) -> None:
 
 
 def _jsonable(params: BaseModel) -> dict:
-    return json.loads(params.model_dump_json())
+    return redact(json.loads(params.model_dump_json()))  # ray_address may be ray://user:pw@host

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from data_catalog import Catalog, CatalogVersionError
 from data_catalog.layout import Layout, blip2_home
@@ -90,3 +92,26 @@ def require_paths(
     ]
     if problems:
         raise ParameterError("invalid parameters:\n  " + "\n  ".join(problems))
+
+
+# --- credentials never reach the catalog, logs or artifacts ------------------------------------------
+# Object-store credentials come from the environment or Prefect blocks; a URL that carries a user and
+# password (http://user:pw@host/, s3://key:secret@bucket) is recorded with them masked.
+
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(value: Any) -> Any:
+    """`value` (a string, or dicts and lists of them) with the user:password@ of every URL masked."""
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub(r"\1***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
+def fingerprint(text: str | None) -> str | None:
+    """A short hash standing for a value that may hold credentials, where only its changes matter."""
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]

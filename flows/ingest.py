@@ -29,8 +29,10 @@ from data_catalog.layout import Layout
 from flows.common import (
     artifact_key,
     catalog_session,
+    fingerprint,
     flow_run_id,
     layout_for,
+    redact,
     require_paths,
     source_lock,
 )
@@ -238,7 +240,7 @@ def prepare_manifest(params: IngestParams, home: str) -> dict:
         "fingerprint": files_fingerprint(inputs),
         "allow_local": params.allow_local,
         "allow_loopback": params.allow_loopback,
-        "base_url": params.base_url,
+        "base_url": fingerprint(params.base_url),  # may carry credentials: only its changes matter
         "splits": list(params.splits) if params.splits else None,  # as JSON reads it back
     }
     marker = _inputs_marker(out_dir)
@@ -441,7 +443,7 @@ def ingest_flow(params: IngestParams) -> IngestSummary:
             retry = retry_failed_urls(params, str(layout.home)) if params.retry_failed else {}
         except BaseException as err:
             with catalog_session(layout) as cat:
-                cat.finish_run(run_id, "failed", {"error": str(err)[:2000]})
+                cat.finish_run(run_id, "failed", {"error": redact(str(err))[:2000]})
             raise
         with catalog_session(layout) as cat:
             shards = cat.shards(params.source)
@@ -484,7 +486,7 @@ def _fmt_reasons(failures: dict[str, int]) -> str:
 
 
 def _jsonable(params: BaseModel) -> dict:
-    return json.loads(params.model_dump_json())
+    return redact(json.loads(params.model_dump_json()))
 
 
 def _refuse_changed_config(cat: Catalog, source: str, config_hash: str) -> None:
