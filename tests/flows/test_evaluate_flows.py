@@ -168,3 +168,25 @@ def test_generate_from_a_checkpoint(built, home, capsys):
     assert "stage-1 model" in capsys.readouterr().err
     assert main(["generate", "nope.jpg", "--checkpoint", built.stage2_run, "--home", str(home)]) == 1
     assert "nope.jpg does not exist" in capsys.readouterr().err
+
+
+def test_cli_evaluate_and_finetune_arguments(tmp_path, prefect_harness, capsys):
+    from flows.cli import build_parser
+
+    annotations = _write(tmp_path / "ann.json", {"annotations": [
+        {"question_id": 1, "answer_type": "yes/no", "answers": [{"answer": "yes"}] * 10}]})  # fmt: skip
+    predictions = _write(tmp_path / "res.json", [{"question_id": 1, "answer": "no"}])
+    base = ["evaluate", "vqa", "--annotations", str(annotations), "--home", str(tmp_path / "var")]
+    assert main([*base, "--predictions", str(predictions)]) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out and "answer_type/yes/no" in out and "0.00" in out
+    assert main(base) == 2  # neither predictions nor checkpoint: the parameters name the problem
+    assert "exactly one of predictions" in capsys.readouterr().err
+
+    args = build_parser().parse_args([
+        "finetune", "vqa", "--start-run", "stage2-x", "--annotations", "a.json", "--questions", "q.json",
+        "--images", "img", "--image-pattern", "{image_id:07d}.jpg", "--no-layer-decay", "--steps", "2",
+    ])  # fmt: skip
+    assert (args.task, args.start_run, args.annotations, args.no_layer_decay) == (
+        "vqa", "stage2-x", [Path("a.json")], True
+    )  # fmt: skip
