@@ -17,6 +17,13 @@ without its jars, METEOR without Java) is listed in `EvalSummary.unavailable`, n
 Every evaluation is a catalog run (stage `evaluate`); its metrics go to `record_eval` under that run and,
 when the weights came from a catalog run, under that run too, with the checkpoint path (its lineage:
 checkpoints -> stage_runs). For the paper presets the summary carries the paper's numbers beside ours.
+
+On the synthetic corpus (folder C):
+    caption:   annotations=C/coco/annotations/captions_test.json, images=C
+    vqa:       annotations=C/vqa/v2_synth_val_annotations.json,
+               questions=C/vqa/v2_OpenEnded_synth_val_questions.json,
+               images=C/images/vqa_val, image_pattern="{image_id:07d}.jpg"
+    retrieval: annotations=C/retrieval/captions_test.json, images=C
 """
 
 from __future__ import annotations

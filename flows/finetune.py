@@ -16,7 +16,16 @@
      the image tower; rank 0's metrics.jsonl is tailed into the catalog as the pretraining flows do.
   5. Finish the run with a summary; the checkpoints are recorded in the catalog.
 
-Not done: multi-process (torchrun) fine-tuning and resuming a killed fine-tuning run.
+On the synthetic corpus (`data_catalog.synth`, folder C, corpus.json "files"):
+    caption:   annotations=(C/coco/annotations/captions_train.json,), images=(C,)
+    retrieval: same files, start_run = a stage-1 run
+    vqa:       annotations=(C/vqa/v2_synth_train_annotations.json,),
+               questions=(C/vqa/v2_OpenEnded_synth_train_questions.json,),
+               images=(C/images/vqa_train,), image_pattern="{image_id:07d}.jpg"
+    with image_size=64 (or 72, 80: interpolated) for the tiny preset, whose tower is 64 px.
+
+Not done: multi-process (torchrun) fine-tuning and resuming a killed fine-tuning run (a re-run starts a
+new run from the start checkpoint).
 """
 
 from __future__ import annotations
