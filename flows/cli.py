@@ -72,6 +72,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         splits=tuple(args.splits) if args.splits else None,
         download=_download_options(args),
         retry_failed=args.retry_failed,
+        verify=args.verify,
         home=args.home,
     )
     summary = ingest_flow(params)
@@ -391,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", help="karpathy format: keep only these splits")
     p.add_argument(
         "--retry-failed", action="store_true", help="retry transient failures inside finished shards"
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-check registered shards against their catalog checksums; changed ones are downloaded again",
     )
     _add_download_options(p)
     _add_home(p)

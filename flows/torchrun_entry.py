@@ -170,7 +170,7 @@ def build_data(job: TrainJob, cfg: Blip2Config, env: T.DistEnv):
 
 def build_model(job: TrainJob, cfg: Blip2Config) -> torch.nn.Module:
     """Stage 1: a fresh Blip2Stage1 (Q-Former from BERT when given). Stage 2: Blip2Stage2 with the frozen
-    LLM of the preset and the stage-1 checkpoint's ln_vision + Q-Former. A resumed run then overwrites
+    LLM of the preset and the stage-1 checkpoint's ln_vision + Q-Former (fresh ones when none is given). A resumed run then overwrites
     the trainable weights with its own checkpoint (in train())."""
     torch.manual_seed(job.seed)  # the same initial weights on every rank
     if job.stage == "stage1":
@@ -187,7 +187,8 @@ def build_model(job: TrainJob, cfg: Blip2Config) -> torch.nn.Module:
     from blip2_core.stage2 import Blip2Stage2, load_stage1_weights
 
     model = Blip2Stage2(cfg)
-    load_stage1_weights(model, load_file(Path(job.stage1_checkpoint) / WEIGHTS_FILE, device="cpu"))
+    if job.stage1_checkpoint is not None:  # None: the Figure 5 ablation, a Q-Former never pretrained
+        load_stage1_weights(model, load_file(Path(job.stage1_checkpoint) / WEIGHTS_FILE, device="cpu"))
     return model
 
 

@@ -141,7 +141,10 @@ class Stage1Params(TrainParams):
 
 
 class Stage2Params(TrainParams):
-    stage1_run: str = Field(description="a finished stage-1 run; its latest checkpoint starts stage 2")
+    stage1_run: str | None = Field(
+        description="a finished stage-1 run whose latest checkpoint starts stage 2; None (explicitly) starts "
+        "from a freshly initialised Q-Former: the paper's Figure 5 ablation without representation learning"
+    )
     llm: Path | None = Field(
         None, description="frozen LLM folder (save_pretrained); default: preset llm.name"
     )
@@ -585,8 +588,10 @@ def _model_inputs(cat: Catalog, layout: Layout, stage: str, params: TrainParams,
     if stage == "stage1":
         tokenizer, bert = _stage1_folders(params, cfg)
         return {"tokenizer": tokenizer, "bert_init": bert}
-    ckpt = resolve_stage1_checkpoint(cat, layout, params.stage1_run, cfg)
     _llm_folder(cfg)
+    if params.stage1_run is None:
+        return {"stage1_checkpoint": None}
+    ckpt = resolve_stage1_checkpoint(cat, layout, params.stage1_run, cfg)
     return {"stage1_checkpoint": str(ckpt)}
 
 

@@ -202,6 +202,26 @@ def test_stage2_starts_from_the_stage1_run(home, ingested, tiny_opt):
         stage2_flow(params.model_copy(update={"stage1_run": summary.run_id}))
 
 
+def test_stage2_without_stage1_starts_from_a_fresh_qformer(home, ingested, tiny_opt):
+    """The Figure 5 ablation: stage 2 with `stage1_run=None` trains a Q-Former that stage 1 never saw."""
+    with pytest.raises(ValueError, match="stage1_run"):  # the ablation must be asked for explicitly
+        Stage2Params(preset="tiny", sources=("synth",), llm=tiny_opt, home=home)
+    params = Stage2Params(
+        preset="tiny", sources=("synth",), stage1_run=None, llm=tiny_opt, steps=2, batch_size=8,
+        warmup_steps=0, num_workers=0, log_every=1, home=home,
+    )  # fmt: skip
+    summary = stage2_flow(params)
+
+    assert summary.step == 2
+    job = json.loads((summary.run_dir / "job.json").read_text())
+    assert job["stage1_checkpoint"] is None
+    with open_catalog(home) as cat:
+        assert cat.run(summary.run_id).status == "done"
+        assert all(math.isfinite(m.value) for m in cat.metrics(summary.run_id, "loss"))
+    weights = load_file(Path(summary.last_checkpoint) / "model.safetensors")
+    assert "qformer.query_tokens" in weights and any(k.startswith("bridge.") for k in weights)
+
+
 def test_clear_errors_for_unknown_source_and_no_shards(home, ingested):
     with pytest.raises(ValueError, match="unknown source 'nosuch'"):
         stage1_flow(stage1_params(home, ingested[1], sources=("nosuch",)))
