@@ -170,8 +170,8 @@ def build_data(job: TrainJob, cfg: Blip2Config, env: T.DistEnv):
 
 def build_model(job: TrainJob, cfg: Blip2Config) -> torch.nn.Module:
     """Stage 1: a fresh Blip2Stage1 (Q-Former from BERT when given). Stage 2: Blip2Stage2 with the frozen
-    LLM of the preset and the stage-1 checkpoint's ln_vision + Q-Former (fresh ones when none is given). A resumed run then overwrites
-    the trainable weights with its own checkpoint (in train())."""
+    LLM of the preset and the stage-1 checkpoint's ln_vision + Q-Former (fresh ones when none is given).
+    A resumed run then overwrites the trainable weights with its own checkpoint (in train())."""
     torch.manual_seed(job.seed)  # the same initial weights on every rank
     if job.stage == "stage1":
         from blip2_core.qformer import load_bert_checkpoint
