@@ -7,8 +7,10 @@ markdown artifact; `report_flow` does both, and `blip2 report` runs that flow.
 
 Baselines are numbers to compare with, keyed "task/dataset/metric", per baseline name:
     {"BLIP-2 ViT-g FlanT5-XL (paper)": {"vqa/vqav2/accuracy": 65.0}, "web captions only": {...}}
-Figure 5 of the paper: two stage-2 runs' loss curves on one chart, one started from a stage-1 run
-(with representation learning) and one without it.
+Evaluate runs add the paper's numbers they carry as a baseline "paper (<preset>)"; their results, also
+recorded under the model run they evaluated, are shown once, under that run when it is reported.
+Figure 5 of the paper: two stage-2 runs' loss curves on one chart, one started from a stage-1 run (with
+representation learning) and one without it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from flows.common import artifact_key, catalog_session, layout_for
 
 REPORT_FILE = "index.html"
 SUMMARY_FILE = "summary.json"
+EVALUATE_STAGE = "evaluate"  # flows/evaluate.py's catalog stage: its summary names model_run and paper
 _REPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 Baselines = Mapping[str, Mapping[str, float]]
 
@@ -65,6 +68,7 @@ class ReportData:
     capfilt: list[CapfiltSection]
     evals: list[EvalRecord]
     figure5: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # label -> stage-2 loss
+    paper: dict[str, dict[str, float]] = field(default_factory=dict)  # baselines from evaluate runs
 
 
 def is_loss(name: str) -> bool:
@@ -109,13 +113,34 @@ def gather(
     for h in _capfilt_configs(cat, runs, capfilt):
         stats = cat.capfilt_score_stats(h)
         sections.append(CapfiltSection(h, stats[0] if stats else None, cat.capfilt_score_histogram(h, bins)))
-    evals = [e for r in runs for e in cat.eval_results(r.run_id)]
+    evals = [e for r in runs if r.run_id not in _eval_copies(runs) for e in cat.eval_results(r.run_id)]
     fig5 = {}
     if figure5 is not None:
         for label, run_id in zip(("with representation learning", "without"), figure5, strict=True):
             loss = loss_curves(cat, _require(cat, run_id)).get("loss", [])
             fig5[f"{label} ({run_id})"] = loss
-    return ReportData(cat.home, runs, curves, sections, evals, fig5)
+    return ReportData(cat.home, runs, curves, sections, evals, fig5, paper_baselines(runs))
+
+
+def _eval_copies(runs: list[StageRunRecord]) -> set[str]:
+    """Evaluate runs whose results are also recorded under a reported model run: shown once, there."""
+    reported = {r.run_id for r in runs}
+    return {
+        r.run_id for r in runs if r.stage == EVALUATE_STAGE and (r.summary or {}).get("model_run") in reported
+    }
+
+
+def paper_baselines(runs: Sequence[StageRunRecord]) -> dict[str, dict[str, float]]:
+    """The paper's numbers that evaluate runs carry in their summary, as baselines "paper (<preset>)"."""
+    out: dict[str, dict[str, float]] = {}
+    for r in runs:
+        s = r.summary or {}
+        if r.stage != EVALUATE_STAGE or not s.get("paper") or not s.get("task") or not s.get("dataset"):
+            continue
+        name = f"paper ({s.get('preset') or 'BLIP-2'})"
+        for metric, value in s["paper"].items():
+            out.setdefault(name, {})[f"{s['task']}/{s['dataset']}/{metric}"] = float(value)
+    return out
 
 
 def _require(cat: Catalog, run_id: str) -> StageRunRecord:
@@ -277,7 +302,7 @@ def render_html(data: ReportData, title: str, baselines: Baselines | None = None
         _figure5_section(data),
         _training_section(data),
         _capfilt_section(data),
-        _eval_section(data, baselines or {}),
+        _eval_section(data, {**data.paper, **(baselines or {})}),
     ]
     return "\n".join(
         [

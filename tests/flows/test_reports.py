@@ -17,6 +17,7 @@ import pytest
 from data_catalog import CAPFILT_STAGE, Catalog
 from flows.reports import ReportParams, load_baselines, report_flow, report_markdown, write_report
 
+SVG = "{http://www.w3.org/2000/svg}"
 BASELINES = {"BLIP-2 (paper)": {"vqa/synth-vqa/accuracy": 0.62, "caption/synth-coco/CIDEr": 1.1}}
 
 
@@ -132,7 +133,7 @@ def test_loss_curves_hold_every_loss_metric_and_no_learning_rate(report_home):
     home, ids = report_home
     page = write_report(home, run_ids=[ids["stage1"]]).read_text()
     [chart] = _Charts(page).svgs
-    series = {p.get("data-series"): p for p in chart.iter("{http://www.w3.org/2000/svg}polyline")}
+    series = {p.get("data-series"): p for p in chart.iter(f"{SVG}polyline")}
     assert set(series) == {"loss", "loss_itc", "loss_itm", "loss_itg"}
     assert len(series["loss"].get("points").split()) == 10
     # One run: the report folder is named after it, and shows that run only.
@@ -146,7 +147,7 @@ def test_figure5_draws_both_stage2_runs_on_one_chart(report_home):
         home, run_ids=[], report_id="fig5", figure5=(ids["stage2"], ids["stage2_cold"])
     ).read_text()
     [chart] = _Charts(page).svgs
-    lines = {p.get("data-series"): p for p in chart.iter("{http://www.w3.org/2000/svg}polyline")}
+    lines = {p.get("data-series"): p for p in chart.iter(f"{SVG}polyline")}
     assert set(lines) == {
         f"with representation learning ({ids['stage2']})",
         f"without ({ids['stage2_cold']})",
@@ -162,7 +163,7 @@ def test_capfilt_histogram_counts_every_scored_sample(report_home):
     page = write_report(home, run_ids=[ids["capfilt"]], bins=10).read_text()
     [chart] = _Charts(page).svgs
     counts = {}
-    for bar in chart.iter("{http://www.w3.org/2000/svg}rect"):
+    for bar in chart.iter(f"{SVG}rect"):
         if bar.get("class") == "bar":
             counts[bar.get("data-series")] = counts.get(bar.get("data-series"), 0) + int(
                 bar.get("data-count")
@@ -177,7 +178,7 @@ def test_evaluation_bars_stand_beside_the_baselines(report_home):
     vqa = next(s for s in _Charts(page).svgs if s.get("aria-label") == "vqa on synth-vqa")
     bars = {
         b.get("data-series"): float(b.get("data-value"))
-        for b in vqa.iter("{http://www.w3.org/2000/svg}rect")
+        for b in vqa.iter(f"{SVG}rect")
         if b.get("class") == "bar"
     }
     assert bars == {ids["stage2"]: 0.41, "BLIP-2 (paper)": 0.62}
@@ -218,3 +219,24 @@ def test_report_flow_writes_the_report_and_a_markdown_artifact(report_home, pref
         artifact = client.read_latest_artifacts()  # newest per key
     report = [a for a in artifact if a.key == "blip2-report"]
     assert report and path.resolve().as_uri() in report[0].data
+
+
+def test_evaluate_runs_bring_the_paper_numbers_and_are_not_shown_twice(tmp_path):
+    """flows/evaluate.py records results under its own run and the model run; its summary has the paper's."""
+    home = tmp_path / "var"
+    with Catalog.open(home / "catalog.duckdb") as cat:
+        model = _train_run(cat, "stage2", 20, 4.0)
+        evaluation = cat.start_run("evaluate", "e1", {})
+        for run in (evaluation, model):
+            cat.record_eval(run, "vqa", "vqav2-val", {"overall": 31.5}, "ckpt")
+        summary = {"task": "vqa", "dataset": "vqav2-val", "model_run": model, "preset": "paper-vitg-flant5xl"}
+        cat.finish_run(evaluation, "done", summary | {"paper": {"overall": 63.1}})
+    page = write_report(home, report_id="paper").read_text()
+    vqa = next(s for s in _Charts(page).svgs if s.get("aria-label") == "vqa on vqav2-val")
+    bars = {
+        b.get("data-series"): float(b.get("data-value")) for b in vqa.iter(f"{SVG}rect") if b.get("class")
+    }
+    assert bars == {model: 31.5, "paper (paper-vitg-flant5xl)": 63.1}
+    # Reported alone, the evaluate run shows its own results.
+    page = write_report(home, run_ids=[evaluation]).read_text()
+    assert f"<td>{evaluation}</td>" in page and "31.5" in page
