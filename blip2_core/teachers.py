@@ -638,3 +638,41 @@ def train_teachers(
         t5=t5.path,
         tokenizers=tokenizers,
     )
+
+
+# ----------------------------------------------------------------------------------------------- preset
+
+
+def miniature_preset(teachers: TeacherPaths, out_file: str | os.PathLike[str], base: str = "tiny") -> Path:
+    """Write the preset of the miniature replication: `base` with the teachers as its pretrained parts.
+
+    The CLIP teacher's image tower becomes the frozen image encoder (`vision.pretrained`), as CLIP ViT-L/14
+    is the paper's, and the OPT teacher the frozen LLM (`llm.name`, with its real dimensions and vocabulary).
+    The Q-Former keeps the base's dimensions; stage 1 reads the teachers' WordPiece tokenizer.
+    """
+    from blip2_core.config import config_from_dict, config_to_dict, load_preset
+
+    raw = config_to_dict(load_preset(base))
+    raw["name"] = f"{base}-teachers"
+    raw["vision"]["pretrained"] = str(Path(teachers.clip_weights).resolve())
+    llm = json.loads((Path(teachers.opt) / "config.json").read_text(encoding="utf-8"))
+    if llm.get("model_type") != raw["llm"]["kind"]:
+        raise ValueError(
+            f"preset {base!r} wants a {raw['llm']['kind']} LLM; {teachers.opt} is {llm.get('model_type')}"
+        )
+    raw["llm"] |= {
+        "name": str(Path(teachers.opt).resolve()),
+        "hidden_size": llm["hidden_size"],
+        "num_layers": llm["num_hidden_layers"],
+        "num_heads": llm["num_attention_heads"],
+        "ffn_dim": llm["ffn_dim"],
+        "vocab_size": llm["vocab_size"],
+        "max_position_embeddings": llm["max_position_embeddings"],
+    }
+    config_from_dict(raw, source=f"miniature preset from {teachers.opt}")  # validate before writing
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from blip2_core.fileio import atomic_write_text
+
+    atomic_write_text(out, json.dumps(raw, indent=4) + "\n")
+    return out

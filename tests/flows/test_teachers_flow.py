@@ -1,0 +1,66 @@
+"""The `teachers` flow: trains every teacher once per (config, corpus), writes the miniature preset that
+the training stages load, records the run and its loss curves in the catalog, and reuses its folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip2_core.config import load_preset
+from blip2_core.vision import VisionEncoder
+from data_catalog.layout import Layout
+from data_catalog.synth import SynthConfig, synthesize
+from flows.common import catalog_session
+from flows.teachers import TeachersParams, teachers_flow
+
+STEPS = {"clip_steps": 3, "captioner_steps": 3, "lm_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    cfg = SynthConfig(seed=5, n_pretrain=4, n_coco=30, n_vqa_images=10, n_retrieval=2, image_size=64)
+    return synthesize(tmp_path_factory.mktemp("corpus") / "corpus", cfg).root
+
+
+def test_teachers_flow_trains_once_and_writes_the_miniature_preset(prefect_harness, tmp_path, corpus):
+    home = tmp_path / "home"
+    params = TeachersParams(corpus=corpus, home=home, threads=1, **STEPS)
+    first = teachers_flow(params)
+
+    assert not first.cached and first.folder.parent == home / "teachers"
+    for path in (first.clip_weights, first.captioner / "config.json", first.opt / "config.json",
+                 first.t5 / "config.json", first.wordpiece / "tokenizer.json"):  # fmt: skip
+        assert path.is_file(), path
+    cfg = load_preset(first.preset)
+    assert cfg.vision.pretrained == str(first.clip_weights)
+    assert cfg.llm.name == str(first.opt)
+    opt = json.loads((first.opt / "config.json").read_text())
+    assert (cfg.llm.vocab_size, cfg.llm.hidden_size) == (opt["vocab_size"], opt["hidden_size"])
+    # The frozen image encoder of the preset is the CLIP teacher's image tower, weight for weight.
+    from safetensors.torch import load_file
+
+    clip = load_file(first.clip_weights)
+    encoder = VisionEncoder(cfg.vision)
+    key = next(k for k in clip if k.startswith("visual.") and k.endswith("conv1.weight"))
+    assert torch.equal(encoder.visual.state_dict()[key.removeprefix("visual.")], clip[key])
+
+    with catalog_session(Layout(home), read_only=True) as cat:
+        run = cat.run(first.run_id)
+        curves = {
+            name: cat.metrics(first.run_id, f"{name}/loss") for name in ("clip", "captioner", "opt", "t5")
+        }
+    assert run.status == "done" and run.stage == "teachers"
+    assert all(len(points) >= 1 for points in curves.values()), curves
+
+    again = teachers_flow(params)
+    assert again.cached and again.folder == first.folder and again.run_id != first.run_id
+    changed = teachers_flow(params.model_copy(update={"clip_steps": 4}))
+    assert not changed.cached and changed.folder != first.folder
+
+
+def test_teachers_flow_names_a_missing_corpus(prefect_harness, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no corpus.json"):
+        teachers_flow(TeachersParams(corpus=tmp_path / "nothing", home=tmp_path / "home", **STEPS))
