@@ -23,6 +23,8 @@ FAILURE_PATTERNS: tuple[tuple[str, str], ...] = (
     # connection row below claims it.
     *((BLOCKED_PREFIX + c, rf"blocked address \({c}\)") for c in CATEGORIES),
     ("blocked_scheme", r"blocked scheme"),
+    # Not the URL's fault: the shard was written on a full disk (img2dataset records it per sample).
+    ("disk_full", r"no space left on device|errno 28\b|disk quota exceeded"),
     ("duplicate_url", r"duplicate"),
     ("http_404", r"http error 404\b"),
     ("http_4xx", r"http error 4\d\d\b"),
@@ -50,6 +52,8 @@ FAILURE_PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 REASONS: tuple[str, ...] = tuple(reason for reason, _ in FAILURE_PATTERNS) + (OTHER,)
+# Reasons that say the shard is damaged, not the sample: such a shard is refused and downloaded again.
+LOCAL_FAILURES: frozenset[str] = frozenset({"disk_full"})
 
 _COMPILED = tuple((reason, re.compile(pattern, re.IGNORECASE)) for reason, pattern in FAILURE_PATTERNS)
 

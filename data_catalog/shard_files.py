@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from blip2_core.fileio import UnsafeKeyError, check_sample_key
 from data_catalog.errors import ShardIntegrityError
-from data_catalog.failures import classify_error
+from data_catalog.failures import LOCAL_FAILURES, classify_error
 
 IMG2DATASET_COLUMNS = ("key", "status", "error_message")
 
@@ -73,6 +73,12 @@ def verify_img2dataset_shard(tar_path: Path) -> VerifiedShard:
 
 
 def _check_agreement(tar_path: Path, tar: TarScan, parquet: ParquetScan, stats: dict[str, Any]) -> None:
+    local = {r: n for r, n in parquet.failures.items() if r in LOCAL_FAILURES}
+    if local:
+        raise ShardIntegrityError(
+            f"shard {tar_path}: {sum(local.values())} sample(s) failed to be written here ({local}), not to "
+            "download: the shard is incomplete and must be downloaded again"
+        )
     if tar.keys != parquet.success_keys:
         only_tar = sorted(tar.keys - parquet.success_keys)[:5]
         only_parquet = sorted(parquet.success_keys - tar.keys)[:5]

@@ -244,10 +244,36 @@ def cmd_corpus_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import DemoParams, run_demo
+    from flows.demo import run_demo
+    from flows.pipeline import PipelineParams
 
-    overrides = {k: getattr(args, k) for k in ("seed", "n_pretrain", "home") if getattr(args, k) is not None}
-    return run_demo(DemoParams(**overrides))
+    fields = {
+        k: getattr(args, k) for k in ("seed", "n_pretrain", "home", "threads") if getattr(args, k) is not None
+    }
+    if getattr(args, "only", None):
+        fields["stages"] = tuple(args.only)
+    for item in getattr(args, "use", None) or ():
+        stage, _, run_id = item.partition("=")
+        fields.setdefault("use", {})[stage] = run_id
+    for item in getattr(args, "set", None) or ():
+        stage, value = _stage_override(item)
+        fields.setdefault("overrides", {}).setdefault(stage, {}).update(value)
+    return run_demo(PipelineParams(**fields))
+
+
+def _stage_override(item: str) -> tuple[str, dict]:
+    """'stage1.steps=600' -> ("stage1", {"steps": 600}); the value is JSON when it parses, else a string."""
+    import json
+
+    key, sep, raw = item.partition("=")
+    stage, dot, field = key.partition(".")
+    if not sep or not dot or not field:
+        raise ValueError(f"--set {item!r}: expected STAGE.FIELD=VALUE, e.g. stage1.steps=600")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return stage, {field: value}
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -429,11 +455,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     add_downstream_parsers(sub)  # finetune, evaluate, generate
 
-    p = sub.add_parser("demo", help="the miniature replication, end to end, on the embedded default")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--n-pretrain", type=int, help="pretraining images of the synthetic corpus")
-    _add_home(p)
-    p.set_defaults(func=cmd_demo)
+    for name, text in (
+        ("demo", "the miniature replication, end to end, on the embedded default"),
+        ("pipeline", "every stage in order (re-run chosen ones with --only; the rest come from the catalog)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--n-pretrain", type=int, help="pretraining images of the synthetic corpus")
+        p.add_argument("--threads", type=int, help="torch CPU threads")
+        p.add_argument(
+            "--only",
+            nargs="+",
+            metavar="STAGE",
+            help="run only these stages: ingest teachers capfilt stage1 "
+            "stage2 figure5 finetune evaluate report (the others' outputs come from the catalog)",
+        )
+        p.add_argument("--use", action="append", metavar="STAGE=RUN", help="reuse this run of a stage")
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="STAGE.FIELD=VALUE",
+            help="a stage parameter, e.g. stage1.steps=600",
+        )
+        _add_home(p)
+        p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("corpus", help="the synthetic corpus")
     csub = p.add_subparsers(dest="corpus_command", required=True, metavar="WHAT")

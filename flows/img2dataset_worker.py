@@ -15,6 +15,8 @@ import io
 import json
 import os
 import sys
+import threading
+import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -28,14 +30,25 @@ _MAX_PIXELS_ENV = "BLIP2_MAX_IMAGE_PIXELS"
 _ALLOW_LOOPBACK_ENV = "BLIP2_ALLOW_LOOPBACK"
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-        import signal
+_watching: list[int] = []
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+
+def _exit_when_orphaned() -> None:
+    """In a pool process: exit as soon as the worker that started it is gone (this process is re-parented).
+
+    Not PR_SET_PDEATHSIG: it fires when the parent *thread* ends, and the pool starts replacement
+    processes (maxtasksperchild) from a helper thread that ends at pool shutdown.
+    """
+    if _watching:
+        return
+    _watching.append(os.getppid())
+
+    def watch() -> None:
+        while os.getppid() == _watching[0]:
+            time.sleep(0.25)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-when-orphaned", daemon=True).start()
 
 
 class SafeResizer(Resizer):
@@ -53,7 +66,7 @@ class SafeResizer(Resizer):
     def __setstate__(self, state):
         self.__dict__.update(state)
         install_address_guard(self.allow_loopback)
-        _die_with_parent()
+        _exit_when_orphaned()
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         img_stream.seek(0)

@@ -66,6 +66,11 @@ class IngestParams(BaseModel):
     splits: tuple[str, ...] | None = Field(None, description="Karpathy format: keep only these splits")
     download: DownloadOptions = Field(default_factory=DownloadOptions)
     retry_failed: bool = Field(False, description="retry failed URLs inside finished shards")
+    verify: bool = Field(
+        False,
+        description="re-read every registered shard and compare it with its catalog checksum; a shard "
+        "that changed on disk is quarantined and downloaded again",
+    )
     retry_reasons: tuple[str, ...] = Field(RETRYABLE_REASONS, description="failure reasons worth a retry")
     home: Path | None = Field(None, description="data root; default $BLIP2_HOME or ./var")
 
@@ -311,7 +316,12 @@ def download_shards(
     # img2dataset cuts each manifest part into shards of its own.
     expected = sum(math.ceil(n / params.download.samples_per_shard) for n in part_rows)
     with catalog_session(layout) as cat:
-        known = {s.shard for s in cat.shards(params.source)}
+        registered = cat.shards(params.source)
+    known = {s.shard for s in registered}
+    damaged = verify_registered(registered, shard_dir) if params.verify else []
+    for shard in damaged:
+        logger.warning("shard %s/%s changed on disk since registration: quarantined", params.source, shard)
+    known -= set(damaged)
     skipped = len(known)
     if len(known) >= expected:
         logger.info(
@@ -363,11 +373,36 @@ def download_shards(
             attempt + 2,
             len(stats["quarantined"]) - before,
         )
+    missing = expected - len(known)
+    if missing > 0:
+        # img2dataset logs a shard it could not write (a full disk, a killed pool process) and exits 0.
+        raise RuntimeError(
+            f"{missing} of {expected} shards of {params.source} were not written; finished shards are "
+            f"registered and a re-run downloads only the rest (img2dataset log: {log_path})"
+        )
     return {
         "downloaded": len(stats["registered"]),
         "skipped": skipped,
-        "quarantined": len(stats["quarantined"]),
+        "quarantined": len(stats["quarantined"]) + len(damaged),
     }
+
+
+def verify_registered(registered: list, shard_dir: Path) -> list[str]:
+    """Quarantine registered shards whose files no longer match the catalog (checksum, agreement)."""
+    from data_catalog.shard_files import verify_img2dataset_shard
+
+    damaged = []
+    for rec in registered:
+        try:
+            problem = None
+            if verify_img2dataset_shard(rec.tar_path).sha256 != rec.sha256:
+                problem = f"sha256 differs from the catalog's {rec.sha256}"
+        except ShardIntegrityError as err:
+            problem = str(err)
+        if problem is not None:
+            quarantine(shard_dir, rec.shard, problem)
+            damaged.append(rec.shard)
+    return damaged
 
 
 @task(name="retry-failed-urls")
