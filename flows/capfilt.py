@@ -307,7 +307,8 @@ def plan_shards(cat: Catalog, params: CapFiltParams, layout: Layout, chash: str)
                 raise CatalogError(f"source {source!r} has no shard(s) {unknown}")
             todo = sorted(choice[source])
         else:
-            done = set() if params.force else _done_shards(cat, layout, chash, source)
+            samples = {shard: rec.samples_ok for shard, rec in shards.items()}
+            done = set() if params.force else _done_shards(cat, layout, chash, source, samples)
             todo = sorted(shards.keys() - done)
             plan.cached[source] = sorted(done)
         for shard in todo:
@@ -318,13 +319,35 @@ def plan_shards(cat: Catalog, params: CapFiltParams, layout: Layout, chash: str)
     return plan
 
 
-def _done_shards(cat: Catalog, layout: Layout, chash: str, source: str) -> set[str]:
-    """Shards done under `chash` whose sidecar is on disk; one that lost its sidecar runs again."""
+def _done_shards(cat: Catalog, layout: Layout, chash: str, source: str, samples: dict[str, int]) -> set[str]:
+    """Shards done under `chash` whose sidecar is whole on disk; one that lost or broke it runs again."""
     done = set()
     for st in cat.shard_statuses(CAPFILT_STAGE, chash, source):
-        if st.status == "done" and layout.capfilt_sidecar(chash, source, st.shard).is_file():
+        if st.status != "done":
+            continue
+        problem = sidecar_problem(layout.capfilt_sidecar(chash, source, st.shard), samples.get(st.shard))
+        if problem is None:
             done.add(st.shard)
+        else:
+            get_run_logger().warning("shard %s/%s runs again: %s", source, st.shard, problem)
     return done
+
+
+def sidecar_problem(path: Path, samples: int | None) -> str | None:
+    """Why a 'done' sidecar cannot be trusted: missing, cut short (no Parquet footer), or not one row per
+    sample of its shard. Reads the footer only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return f"sidecar {path} is missing"
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as err:
+        return f"sidecar {path} is unreadable ({err})"
+    if samples is not None and rows != samples:
+        return f"sidecar {path} has {rows} rows for a shard of {samples} samples"
+    return None
 
 
 def shard_batches(items: list[dict], shards_per_task: int) -> list[list[dict]]:
