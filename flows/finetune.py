@@ -209,12 +209,12 @@ def resolve_start(cat: Catalog, layout: Layout, params: FinetuneParams) -> dict[
             )
         files.insert(0, found["stage1_checkpoint"])  # text branch first; stage 2's weights win
     tokenizer = params.tokenizer or found["tokenizer"]
-    if params.task != "caption":
-        if tokenizer is None or not Path(tokenizer).is_dir():
-            raise ValueError(
-                f"{params.task} fine-tuning needs the Q-Former's BERT-style tokenizer; the lineage of "
-                f"{params.start_run!r} gives {tokenizer!r}: pass tokenizer"
-            )
+    if params.task != "caption" and (tokenizer is None or not Path(tokenizer).is_dir()):
+        raise ValueError(
+            f"{params.task} fine-tuning needs the Q-Former's BERT-style tokenizer; the lineage of "
+            f"{params.start_run!r} gives {tokenizer!r}: pass tokenizer"
+        )
+    if tokenizer is not None:
         tokenizer = str(Path(tokenizer).resolve())
     return {"checkpoint": str(checkpoint), "files": files, "config": cfg, "tokenizer": tokenizer}
 
