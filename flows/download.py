@@ -43,6 +43,11 @@ class DownloadOptions(BaseModel):
         64_000_000, ge=1, description="images with more pixels are refused before decoding (bombs)"
     )
     encode_quality: int = Field(95, ge=1, le=100)
+    # Who runs the shard downloads: a process pool on this machine, or the tasks of a Spark session or
+    # Ray cluster (one per shard, on any node; Ray joins RAY_ADDRESS, else starts a local instance;
+    # pyspark is not in the lock: install it where Spark runs). The shards come out the same, so it is
+    # not part of the ingest config hash.
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
 
 
 def img2dataset_kwargs(
@@ -67,7 +72,7 @@ def img2dataset_kwargs(
         encode_quality=opts.encode_quality,
         incremental_mode="incremental",
         enable_wandb=False,
-        distributor="multiprocessing",
+        distributor=opts.distributor,
         compute_hash="sha256",
         oom_shard_count=5,
     )
