@@ -669,6 +669,9 @@ def miniature_preset(teachers: TeacherPaths, out_file: str | os.PathLike[str], b
         "vocab_size": llm["vocab_size"],
         "max_position_embeddings": llm["max_position_embeddings"],
     }
+    # Every caption of the corpus names every shape and where it is: crops keep nearly the whole image.
+    for stage in ("stage1", "stage2"):
+        raw[stage]["crop_scale_min"] = max(raw[stage]["crop_scale_min"], 0.9)
     config_from_dict(raw, source=f"miniature preset from {teachers.opt}")  # validate before writing
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,14 @@
-"""`blip2 demo`: the miniature replication on the embedded default, end to end on one CPU machine.
+"""The demo's data and `blip2 demo`: the miniature replication on the embedded default, on one CPU machine.
 
-The synthetic corpus is rendered, served over loopback HTTP, and ingested with img2dataset for real,
-split by split, exactly as a public source would be. Later stages join the demo as they land.
+`corpus_ingest_flow` renders the synthetic corpus, serves it over loopback HTTP and ingests every image
+set with img2dataset for real, exactly as a public source would be (the pipeline's first stage).
+`run_demo` runs the whole pipeline (flows/pipeline.py) with its defaults and prints the metric table.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -17,6 +19,7 @@ from data_catalog.synth import SynthConfig, load_corpus, synthesize, url_manifes
 from flows.common import layout_for
 from flows.download import DownloadOptions
 from flows.ingest import IngestParams, IngestSummary, ingest_flow
+from flows.pipeline import PipelineParams, PipelineSummary, pipeline_flow
 
 DEMO_PORT = 18765
 # Image set of the corpus -> catalog source name. Every set is ingested as its own source.
@@ -31,7 +34,7 @@ DEMO_SOURCES = {
 }
 
 
-class DemoParams(BaseModel):
+class CorpusIngestParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = 0
@@ -45,7 +48,7 @@ class DemoParams(BaseModel):
 
 
 @task(name="synthesize-corpus")
-def synthesize_corpus(params: DemoParams, corpus_dir: str) -> dict[str, int]:
+def synthesize_corpus(params: CorpusIngestParams, corpus_dir: str) -> dict[str, int]:
     """Render the corpus once; an existing corpus with the same configuration is reused."""
     cfg = SynthConfig(
         seed=params.seed,
@@ -63,8 +66,8 @@ def synthesize_corpus(params: DemoParams, corpus_dir: str) -> dict[str, int]:
     return synthesize(root, cfg).image_sets
 
 
-@flow(name="demo", log_prints=True)
-def demo_flow(params: DemoParams) -> dict[str, IngestSummary]:
+@flow(name="corpus-ingest", log_prints=True)
+def corpus_ingest_flow(params: CorpusIngestParams) -> dict[str, IngestSummary]:
     """Synthetic corpus -> loopback HTTP -> ingest of every image set."""
     layout = layout_for(params.home)
     corpus_dir = layout.home / "corpus"
@@ -110,15 +113,27 @@ def _start_server(corpus_dir: Path) -> CorpusServer:
         return CorpusServer(corpus_dir).start()
 
 
-def run_demo(params: DemoParams) -> int:
-    summaries = demo_flow(params)
-    layout = layout_for(params.home)
+def run_demo(params: PipelineParams) -> int:
+    """The pipeline with the demo's defaults; prints the metrics beside their baselines, and the paths."""
+    start = time.perf_counter()
+    summary = pipeline_flow(params)
+    minutes = (time.perf_counter() - start) / 60
     print()
-    print(f"{'source':<24}{'images':>8}{'failed':>8}{'shards':>8}")
-    for source, s in summaries.items():
-        print(f"{source:<24}{s.samples_ok:>8}{s.samples_failed:>8}{s.shards:>8}")
+    print(metric_table(summary))
     print()
-    print(f"catalog: {layout.catalog}")
-    print(f"shards:  {layout.home / 'shards'}")
-    print("next:    blip2 catalog status")
+    for stage, seconds in summary.seconds.items():
+        print(f"  {stage:<22}{seconds:>8.0f} s")
+    print(f"demo finished in {minutes:.1f} min")
+    print(f"report:  {summary.report or '-'}")
+    print(f"catalog: {summary.catalog}")
+    print("next:    blip2 catalog status | blip2 catalog runs | blip2 ui")
     return 0
+
+
+def metric_table(summary: PipelineSummary) -> str:
+    """The pipeline's metrics beside their baselines, as a fixed-width table."""
+    lines = [f"{'result':<48}{'value':>9}  {'baseline':<18}{'value':>9}"]
+    for m in summary.metrics:
+        base = "-" if m.baseline_value is None else f"{m.baseline_value:.2f}"
+        lines.append(f"{m.what:<48}{m.value:>9.2f}  {m.baseline:<18}{base:>9}")
+    return "\n".join(lines)

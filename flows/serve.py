@@ -45,8 +45,9 @@ STAGE_FLOWS: tuple[StageFlow, ...] = (
     StageFlow("stage2", "flows.train", "stage2_flow", True, "stage-2 generative pretraining, frozen LLM"),
     StageFlow("finetune", "flows.finetune", "finetune_flow", True, "fine-tuning: caption, VQA, retrieval"),
     StageFlow("evaluate", "flows.evaluate", "evaluate_flow", True, "zero-shot VQA, captioning, retrieval"),
-    StageFlow("pipeline", "flows.pipeline", "pipeline_flow", False, "every stage in order, as subflows"),
-    StageFlow("demo", "flows.demo", "demo_flow", False, "the miniature replication on the synthetic corpus"),
+    StageFlow("pipeline", "flows.pipeline", "pipeline_flow", False, "every stage, as subflows (the demo)"),
+    StageFlow("corpus-ingest", "flows.demo", "corpus_ingest_flow", False, "synthetic corpus, ingested"),
+    StageFlow("teachers", "flows.teachers", "teachers_flow", False, "stand-in pretrained models"),
     StageFlow("report", "flows.reports", "report_flow", False, "HTML report of runs, CapFilt and evaluation"),
 )  # fmt: skip
 

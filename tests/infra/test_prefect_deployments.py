@@ -18,7 +18,7 @@ from prefect.utilities.templating import apply_values
 PREFECT_YAML = yaml.safe_load((INFRA / "prefect.yaml").read_text())
 DEPLOYMENTS = {d["name"]: d for d in PREFECT_YAML["deployments"]}
 # Fields a run must pass itself (no sensible default for a whole team).
-RUN_TIME_FIELDS = {"stage2": {"stage1_run"}}
+RUN_TIME_FIELDS = {"stage2": {"stage1_run"}, "finetune": {"start_run"}}
 
 
 def template(name: str) -> dict:
