@@ -7,7 +7,10 @@ A checkpoint is a folder `step-000100/` holding
                         position; plain tensors/dicts/lists/numbers/strings, so it loads with
                         torch.load(weights_only=True)
 The folder is written under a `.tmp-` name, fsynced and renamed, so a folder named `step-*` is always
-complete: a run killed mid-write leaves only a temp folder, which `latest_checkpoint` ignores.
+complete: a run killed mid-write leaves only a temp folder, which `latest_checkpoint` ignores. A `step-*`
+folder whose files were damaged afterwards (a disk that filled or failed, a bad copy) is ignored too:
+both files are checked for their structure (the safetensors header against the file size, the zip
+directory at the end of train_state.pt) before a checkpoint is trusted.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -211,9 +215,31 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     found = []
     for path in run_dir.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and (path / WEIGHTS_FILE).is_file() and (path / STATE_FILE).is_file():
+        if match and checkpoint_problem(path) is None:
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (missing or cut-short files), or None when it is whole.
+
+    Cheap: reads the safetensors header and the zip directory, not the tensors.
+    """
+    weights, state = path / WEIGHTS_FILE, path / STATE_FILE
+    if not weights.is_file() or not state.is_file():
+        return f"{path}: {WEIGHTS_FILE} or {STATE_FILE} is missing"
+    try:
+        with open(weights, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end != weights.stat().st_size:
+            return f"{weights}: {weights.stat().st_size} bytes, its header describes {8 + header_len + end}"
+        with zipfile.ZipFile(state) as zf:  # torch.save writes a zip; a cut-short one has no directory
+            zf.namelist()
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        return f"{path}: unreadable checkpoint file ({type(err).__name__}: {err})"
+    return None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
