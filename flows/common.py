@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,46 @@ def layout_for(home: Path | None) -> Layout:
 
 @contextlib.contextmanager
 def catalog_session(layout: Layout, read_only: bool = False) -> Iterator[Catalog]:
-    """A short catalog session; a reader that finds an older schema upgrades it first."""
+    """A short catalog session; a reader that finds an older schema upgrades it first.
+
+    Writers go first: DuckDB admits one writing process or any number of reading ones, and a stream of
+    overlapping readers (dashboards, `blip2 catalog` in a loop) would otherwise keep a flow from ever
+    writing (benchmarks/catalog_load.py measured 1 write in 30 s against 8 looping readers).
+    """
     layout.home.mkdir(parents=True, exist_ok=True)
-    try:
-        cat = Catalog.open(layout.catalog, read_only=read_only, timeout_s=CATALOG_TIMEOUT_S)
-    except CatalogVersionError:
-        if not read_only:
-            raise
-        Catalog.open(layout.catalog, timeout_s=CATALOG_TIMEOUT_S).close()  # applies the migrations
-        cat = Catalog.open(layout.catalog, read_only=True, timeout_s=CATALOG_TIMEOUT_S)
+    with _writer_first(layout.catalog, read_only):
+        try:
+            cat = Catalog.open(layout.catalog, read_only=read_only, timeout_s=CATALOG_TIMEOUT_S)
+        except CatalogVersionError:
+            if not read_only:
+                raise
+            Catalog.open(layout.catalog, timeout_s=CATALOG_TIMEOUT_S).close()  # applies the migrations
+            cat = Catalog.open(layout.catalog, read_only=True, timeout_s=CATALOG_TIMEOUT_S)
     with cat:
         yield cat
+
+
+@contextlib.contextmanager
+def _writer_first(catalog: Path, read_only: bool) -> Iterator[None]:
+    """A turnstile beside the catalog file (`<catalog>.gate`, an flock). A writer holds it until it has
+    opened the catalog; a reader only passes through it before opening. So once a writer waits, new
+    readers wait behind it, and the writer waits only for the readers already inside to finish."""
+    with open(catalog.with_name(catalog.name + ".gate"), "a") as gate:
+        deadline = time.monotonic() + CATALOG_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(gate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break  # Catalog.open's own timeout and message take over
+                time.sleep(0.01)
+        try:
+            if read_only:
+                fcntl.flock(gate, fcntl.LOCK_UN)  # passed through
+            yield
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 def flow_run_id() -> str | None:
