@@ -16,6 +16,8 @@ Both flows do the same five things; only the model side of the job differs:
      appends metrics and checkpoints to <run_dir>/metrics.jsonl, and this flow tails the file into the
      catalog (the one writer) and a progress artifact while training runs, and once more after it ends.
   5. Finish the catalog run (done with a summary; failed or cancelled with the error) and publish a table.
+With `job_only`, steps 4 and 5 give way to printing the infra/launch.py command for a multi-node launch:
+job.json is written for `nproc` ranks in all, and the run stays 'running' while the cluster trains it.
 
 CapFilt (`capfilt` = a CapFilt config hash): a shard uses its sidecar captions only when its `capfilt`
 status under that hash is 'done' (and the sidecar file exists). The other shards of the same source train
@@ -102,6 +104,11 @@ class TrainParams(BaseModel):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     num_workers: int = Field(2, ge=0, description="DataLoader processes per training process")
     nproc: int = Field(1, ge=1, description="training processes (1: in the flow process; >1: torchrun)")
+    job_only: bool = Field(
+        False,
+        description="write job.json for nproc ranks (every node's) and print the infra/launch.py command; "
+        "train nothing here (multi-node launches)",
+    )
     seed: int = 0
     swap_left_right: bool = Field(False, description="swap left/right in the captions of flipped images")
     log_every: int = Field(10, ge=1, description="steps between metric lines")
@@ -648,6 +655,10 @@ def _train_run(stage, params, layout, run_id, run_dir, plan, chash, steps, previ
     )
     reporter = _Reporter(layout, run_id, run_dir, start, steps, stage)
     job_path = str(run_dir / "job.json")
+    if params.job_only:
+        print(launch_instructions(stage, run_id, job_path, params.nproc))
+        summary = _summary(stage, run_id, chash, run_dir, steps, start, reporter, previous, resumed_from, job)
+        return summary.model_copy(update=counts)
     if params.nproc == 1:
         future = train_in_process.submit(job_path)
     else:
@@ -659,6 +670,20 @@ def _train_run(stage, params, layout, run_id, run_dir, plan, chash, steps, previ
         cat.finish_run(run_id, "done", summary.model_dump(mode="json"))
     _publish(stage, summary)
     return summary
+
+
+def launch_instructions(stage: str, run_id: str, job_path: str, ranks: int) -> str:
+    """What to run after a `job_only` flow run: the ranks start on the cluster, through infra/launch.py.
+
+    The catalog run stays 'running' meanwhile (the ranks write its checkpoints and metrics.jsonl);
+    a later flow run with `resume` takes it over from its last checkpoint.
+    """
+    return (
+        f"{stage} run {run_id}: job written for {ranks} ranks; nothing was launched here.\n"
+        f"Put `stage: {stage}`, `job: {job_path}` and nodes x gpus_per_node = {ranks} in a launch file "
+        "(a copy of infra/training/stage1-2x8.yaml), then render and check the launchers:\n"
+        f"  python infra/launch.py <launch file> --out launch/ --check-job {job_path}"
+    )
 
 
 def _summary(
