@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from data_catalog.corpus_server import CorpusServer
 from data_catalog.synth import SynthConfig, load_corpus, synthesize, url_manifest
@@ -44,7 +44,18 @@ class CorpusIngestParams(BaseModel):
     n_retrieval: int = Field(500, ge=10)
     image_size: int = Field(96, ge=16, description="stored image side; the tiny preset crops 64 px from it")
     samples_per_shard: int = Field(1000, ge=10)
+    image_sets: tuple[str, ...] | None = Field(
+        None, description=f"image sets to ingest (default all): {', '.join(DEMO_SOURCES)}"
+    )
     home: Path | None = None
+
+    @field_validator("image_sets")
+    @classmethod
+    def _known_sets(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        unknown = sorted(set(value or ()) - set(DEMO_SOURCES))
+        if unknown:
+            raise ValueError(f"unknown image set(s) {unknown}; the corpus has {list(DEMO_SOURCES)}")
+        return value
 
 
 @task(name="synthesize-corpus")
@@ -83,7 +94,7 @@ def corpus_ingest_flow(params: CorpusIngestParams) -> dict[str, IngestSummary]:
     server = _start_server(corpus_dir)
     try:
         for image_set, source in DEMO_SOURCES.items():
-            if not sets.get(image_set):
+            if not sets.get(image_set) or (params.image_sets and image_set not in params.image_sets):
                 continue
             urls = url_manifest(corpus_dir, server.base_url, image_set)
             summaries[source] = ingest_flow(

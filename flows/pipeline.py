@@ -112,6 +112,11 @@ class PipelineSummary(BaseModel):
 def latest_run(home: Path | None, stage: str, where: dict[str, Any] | None = None) -> Any:
     """The newest finished run of `stage` whose params contain `where`; a clear error when there is none."""
     layout = layout_for(home)
+    if not layout.catalog.is_file():
+        raise LookupError(
+            f"no finished {stage} run: there is no catalog at {layout.catalog} yet; run the pipeline from "
+            "its first stage (blip2 pipeline) or point --home at an existing one"
+        )
     with catalog_session(layout, read_only=True) as cat:
         runs = [r for r in cat.runs(stage) if r.status == "done"]
     runs = [r for r in runs if all(r.params.get(k) == v for k, v in (where or {}).items())]

@@ -1,0 +1,89 @@
+"""The `pipeline` flow end to end on a tiny synthetic corpus (the miniature replication's regression test),
+and re-running chosen stages with the others resolved from the catalog."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from data_catalog.layout import Layout
+from flows.common import catalog_session
+from flows.pipeline import STAGES, PipelineParams, pipeline_flow
+
+TINY = {
+    "n_pretrain": 40,
+    "n_coco": 30,
+    "n_vqa_images": 20,
+    "n_retrieval": 20,
+    "stage1_steps": 3,
+    "stage2_steps": 3,
+    "finetune_steps": 2,
+    "batch_size": 8,
+    "retrieval_k": 4,
+    "threads": 1,
+    "overrides": {
+        "ingest": {"image_sets": ["pretrain"], "samples_per_shard": 20, "image_size": 64},
+        "teachers": {"clip_steps": 3, "captioner_steps": 3, "lm_steps": 3},
+        "capfilt": {"batch_size": 20, "sampling": {"num_captions": 3}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, tmp_path_factory, monkeypatch_module):
+    home = tmp_path_factory.mktemp("pipeline") / "home"
+    monkeypatch_module.setenv("BLIP2_DEMO_PORT", "0")  # any free port
+    return home, pipeline_flow(PipelineParams(home=home, **TINY))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_every_stage_runs_and_is_recorded(first_run):
+    home, summary = first_run
+    assert summary.ran[0] == "ingest" and summary.ran[-1] == "report"
+    for stage in ("teachers", "capfilt", "stage1", "stage2", "figure5", "finetune-caption", "evaluate"):
+        assert stage in summary.ran, stage
+    with catalog_session(Layout(home), read_only=True) as cat:
+        runs = {r.run_id: r for r in cat.runs()}
+    for name, run_id in summary.runs.items():
+        assert runs[run_id].status == "done", (name, run_id)
+    # Stage 2 and its Figure 5 ablation: one starts from the stage-1 run, the other from nothing.
+    assert runs[summary.runs["stage2"]].params["stage1_run"] == summary.runs["stage1"]
+    assert runs[summary.runs["stage2 without stage1"]].params["stage1_run"] is None
+    report = summary.report.read_text()
+    assert "Figure 5" in report and summary.runs["stage2"] in report
+
+
+def test_metrics_come_with_their_baselines(first_run):
+    _, summary = first_run
+    rows = {m.what: m for m in summary.metrics}
+    assert len(rows) == 9
+    for m in rows.values():
+        assert math.isfinite(m.value) and m.baseline_value is not None and math.isfinite(m.baseline_value)
+    assert rows["retrieval text->image R@1, zero-shot"].baseline_value == pytest.approx(100 / 20)  # chance
+    assert 0 <= rows["VQA accuracy, zero-shot"].baseline_value <= 100  # the majority answer's accuracy
+    assert rows["captioning CIDEr, zero-shot"].baseline == "untrained bridge"
+
+
+def test_rerunning_one_stage_takes_the_others_from_the_catalog(first_run):
+    home, first = first_run
+    again = pipeline_flow(PipelineParams(home=home, stages=("stage2",), **TINY))
+    assert again.ran == ["stage2"]
+    for stage in ("teachers", "capfilt", "stage1"):
+        assert again.runs[stage] == first.runs[stage]  # resolved, not re-run
+    assert again.runs["stage2"] != first.runs["stage2"]
+    with pytest.raises(LookupError, match="'nope' is not a finished stage1 run"):
+        pipeline_flow(PipelineParams(home=home, stages=("stage2",), use={"stage1": "nope"}, **TINY))
+
+
+def test_a_stage_without_its_inputs_says_which_stage_to_run(prefect_harness, tmp_path):
+    with pytest.raises(LookupError, match="no finished teachers run"):
+        pipeline_flow(PipelineParams(home=tmp_path / "empty", stages=("stage1",), **TINY))
+    with pytest.raises(ValueError, match="unknown stage"):
+        PipelineParams(stages=("stage3",))
+    assert STAGES[0] == "ingest" and STAGES[-1] == "report"
