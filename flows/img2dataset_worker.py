@@ -19,6 +19,10 @@ import threading
 import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+if __name__ in ("__main__", "__mp_main__") and "torch" not in sys.modules:
+    # Only in the worker and its spawned pool processes: img2dataset imports webdataset, which imports
+    # torch (about 6 s of CPU per process) for stubs it does without; the downloads never use it.
+    sys.modules["torch"] = None  # `import torch` now raises ModuleNotFoundError, which webdataset handles
 
 import img2dataset  # noqa: E402, F401
 from img2dataset.resizer import Resizer  # noqa: E402
