@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from data_catalog import Catalog
 from data_catalog.layout import Layout
+from flows.evaluate import EvaluateParams, evaluate_flow
 from flows.finetune import FinetuneParams, finetune_flow
 
 torch.set_num_threads(1)
@@ -96,6 +97,15 @@ def test_vqa_finetune_feeds_the_question_to_the_qformer(built, home):
     assert moved.abs().max() > 0  # question tokens reached the loss: their embeddings got gradients
     job = json.loads((summary.run_dir / "job.json").read_text())
     assert Path(job["tokenizer"]) == built.tokenizer.resolve()  # found through the runs' lineage
+
+    # The fine-tuned model answers with the question in its Q-Former (tokenizer from the run's job.json).
+    files = built.files
+    evaluated = evaluate_flow(EvaluateParams(
+        task="vqa", annotations=files["vqa_annotations_val"], questions=files["vqa_questions_val"],
+        checkpoint=summary.run_id, images=built.corpus / "images" / "vqa_val",
+        image_pattern="{image_id:07d}.jpg", num_beams=1, max_new_tokens=3, home=home,
+    ))  # fmt: skip
+    assert evaluated.n == 10 and evaluated.model_run == summary.run_id
 
 
 def test_retrieval_finetune_uses_same_image_targets(built, home):
