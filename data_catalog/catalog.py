@@ -43,12 +43,14 @@ from data_catalog.records import (
     MetricRecord,
     ShardRecord,
     ShardStatusRecord,
+    ShardStatusUpdate,
     SourceRecord,
     SourceSummary,
     StageRunRecord,
     StageSummary,
 )
 from data_catalog.shard_files import VerifiedShard, shard_parquet_path, verify_img2dataset_shard
+from data_catalog.summaries import CAPFILT_SUMMARY_SQL, ScoreSummary
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -176,13 +178,30 @@ def _locked_message(path: Path, duckdb_message: str, timeout_s: float) -> str:
 # Writing a verified shard
 
 
-def _write_shard(con: duckdb.DuckDBPyConnection, source: str, shard: VerifiedShard) -> None:
+def _write_shard(
+    con: duckdb.DuckDBPyConnection, source: str, shard: VerifiedShard, summaries: bool = True
+) -> None:
     key = [source, shard.shard]
     previous = con.execute("SELECT sha256 FROM shards WHERE source = ? AND shard = ?", key).fetchone()
     if previous is not None and previous[0] != shard.sha256:
         # Every stage output derived from the old bytes is stale: the shard is pending everywhere again.
-        con.execute("DELETE FROM shard_stage_status WHERE source = ? AND shard = ?", key)
+        for table in (_CAPFILT_SUMMARY_TABLES if summaries else ()) + ("shard_stage_status",):
+            con.execute(f"DELETE FROM {table} WHERE source = ? AND shard = ?", key)
     con.execute("DELETE FROM shard_failures WHERE source = ? AND shard = ?", key)
+    if summaries:
+        con.execute("DELETE FROM shard_sample_status WHERE source = ? AND shard = ?", key)
+    if (
+        summaries and shard.statuses and None not in shard.statuses
+    ):  # a NULL status: the Parquet answers for it
+        con.execute(
+            "INSERT INTO shard_sample_status SELECT $source, $shard, unnest($statuses), unnest($counts)",
+            {
+                "source": source,
+                "shard": shard.shard,
+                "statuses": list(shard.statuses),
+                "counts": list(shard.statuses.values()),
+            },
+        )
     con.execute(
         "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
         [
@@ -205,6 +224,36 @@ def _write_shard(con: duckdb.DuckDBPyConnection, source: str, shard: VerifiedSha
                 "counts": list(shard.failures.values()),
             },
         )
+
+
+_CAPFILT_SUMMARY_TABLES = ("capfilt_shard_summaries", "capfilt_shard_score_bins")
+
+
+def _write_capfilt_summaries(con: duckdb.DuckDBPyConnection, rows: list[tuple]) -> None:
+    """Store per-sidecar rows of CAPFILT_SUMMARY_SQL (the shards' old summaries are deleted first)."""
+    for row in rows:
+        key, figures, (top1_bins, web_bins) = list(row[:3]), list(row[3:-2]), row[-2:]
+        for table in _CAPFILT_SUMMARY_TABLES:
+            con.execute(f"DELETE FROM {table} WHERE config_hash = ? AND source = ? AND shard = ?", key)
+        con.execute(
+            "INSERT INTO capfilt_shard_summaries VALUES (" + ", ".join("?" * len(row[:-2])) + ")",
+            key + figures,
+        )
+        top1_bins, web_bins = top1_bins or {}, web_bins or {}
+        bins = sorted(set(top1_bins) | set(web_bins))
+        if bins:
+            con.execute(
+                "INSERT INTO capfilt_shard_score_bins "
+                "SELECT $h, $source, $shard, unnest($bins), unnest($top1), unnest($web)",
+                {
+                    "h": key[0],
+                    "source": key[1],
+                    "shard": key[2],
+                    "bins": bins,
+                    "top1": [top1_bins.get(b, 0) for b in bins],
+                    "web": [web_bins.get(b, 0) for b in bins],
+                },
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,6 +309,27 @@ _SHARD_SELECT = """
         FROM shard_failures GROUP BY source, shard
     ) AS f ON f.source = s.source AND f.shard = s.shard
 """
+# Per CapFilt config, the sums of its done shards' summaries (a summary of a shard not 'done' is never
+# left behind, but the join keeps the answer right even if one were).
+_DONE_SUMMARIES = """
+    FROM {table} AS m JOIN shard_stage_status AS t
+      ON t.stage = '{stage}' AND t.status = 'done' AND t.config_hash = m.config_hash
+     AND t.source = m.source AND t.shard = m.shard
+    WHERE $config_hash IS NULL OR m.config_hash = $config_hash
+"""
+_SUMMED_CAPFILT_SQL = (
+    "SELECT m.config_hash, sum(m.samples)::BIGINT, sum(m.errors)::BIGINT, sum(m.web_kept)::BIGINT, "
+    "sum(m.top1_n)::BIGINT, sum(m.top1_sum), sum(m.top1_sumsq), min(m.top1_min), max(m.top1_max)"
+    + _DONE_SUMMARIES.format(table="capfilt_shard_summaries", stage=CAPFILT_STAGE)
+    + " GROUP BY 1"
+)
+_SUMMED_CAPFILT_BINS_SQL = (
+    "SELECT m.config_hash, m.bin, sum(m.top1)::BIGINT"
+    + _DONE_SUMMARIES.format(table="capfilt_shard_score_bins", stage=CAPFILT_STAGE)
+    + " GROUP BY ALL HAVING sum(m.top1) > 0"
+)
+_SUMMARIES_VERSION = 3  # migrations/0003_per_shard_summaries.sql
+_SUMMARY_CHUNK = 512  # sidecars per summary query
 _RUN_SELECT = """
     SELECT run_id, stage, config_hash, params, flow_run_id, status, started_at, finished_at, summary
     FROM stage_runs
@@ -294,6 +364,10 @@ class _SampleFile:
     shard: str
     config_hash: str = ""  # CapFilt sidecars only
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.config_hash, self.source, self.shard)
+
 
 # The per-sample views read `samples` (every row of the chosen files, with `filename`) joined to `files`
 # (what each file belongs to) on `samples.filename = files.path`.
@@ -322,6 +396,8 @@ class Catalog:
         self._read_only = read_only
         self._lock = threading.RLock()
         self._closed = False
+        # Opened with an older migrations folder (tests of upgrades): no summary tables, Parquet answers.
+        self._summaries = _schema_version(connection) >= _SUMMARIES_VERSION
 
     @classmethod
     def open(
@@ -438,7 +514,9 @@ class Catalog:
         with self._transaction() as con:
             self._require_source(con, name)
             (n_shards,) = con.execute("SELECT count(*) FROM shards WHERE source = ?", [name]).fetchone()
-            for table in ("shard_stage_status", "shard_failures", "shards"):
+            summaries = (*_CAPFILT_SUMMARY_TABLES, "shard_sample_status") if self._summaries else ()
+            tables = (*summaries, "shard_stage_status", "shard_failures")
+            for table in (*tables, "shards"):
                 con.execute(f"DELETE FROM {table} WHERE source = ?", [name])
             con.execute("DELETE FROM sources WHERE name = ?", [name])
         return n_shards
@@ -461,7 +539,7 @@ class Catalog:
         verified = verify_img2dataset_shard(tar_path)  # outside the lock: other threads keep going
         with self._transaction() as con:
             self._require_source(con, source)  # no foreign keys since migration 0002: checked here
-            _write_shard(con, source, verified)
+            _write_shard(con, source, verified, self._summaries)
         return self.shard(source, verified.shard)
 
     def shards(self, source: str | None = None) -> list[ShardRecord]:
@@ -496,16 +574,43 @@ class Catalog:
     # the shard's stage statuses) are never counted.
 
     def sample_status_counts(self, source: str | None = None) -> dict[str, dict[str, int]]:
-        """{source: {img2dataset status: samples}} over the Parquet files of registered shards."""
-        rows = self._query_sample_files(
+        """{source: {img2dataset status: samples}} of registered shards.
+
+        From the per-shard counts written at registration; a shard registered before those existed
+        (schema version < 3, until backfill_summaries) is counted from its Parquet. Every registered
+        shard's Parquet must still exist, as before.
+        """
+        files = self._registered_shard_files(source)
+        summed = {(f.source, f.shard) for f in files} & self._shards_with_status_counts(source)
+        rows = (
+            self._fetch(
+                "SELECT source, status, sum(samples)::BIGINT FROM shard_sample_status "
+                "WHERE $source IS NULL OR source = $source GROUP BY ALL",
+                source=source,
+            )
+            if self._summaries
+            else []
+        )
+        rows += self._query_sample_files(
             "SELECT f.source, s.status, count(*) FROM samples AS s JOIN files AS f ON s.filename = f.path "
-            "GROUP BY ALL ORDER BY ALL",
-            self._registered_shard_files(source),
+            "GROUP BY ALL",
+            [f for f in files if (f.source, f.shard) not in summed],
         )
         counts: dict[str, dict[str, int]] = {}
-        for source_name, status, n in rows:
-            counts.setdefault(source_name, {})[status] = n
+        for source_name, status, n in sorted(rows, key=lambda r: (r[0], r[1] is None, r[1] or "")):
+            per_source = counts.setdefault(source_name, {})
+            per_source[status] = per_source.get(status, 0) + n
         return counts
+
+    def _shards_with_status_counts(self, source: str | None) -> set[tuple[str, str]]:
+        if not self._summaries:
+            return set()
+        rows = self._fetch(
+            "SELECT DISTINCT source, shard FROM shard_sample_status "
+            "WHERE $source IS NULL OR source = $source",
+            source=source,
+        )
+        return set(rows)
 
     def failed_samples(self, source: str, shard: str | None = None) -> list[FailedSample]:
         """Every sample of `source` (or of one registered shard) that img2dataset failed to download."""
@@ -519,8 +624,39 @@ class Catalog:
         )
         return [FailedSample(*row) for row in rows]
 
-    def capfilt_score_stats(self, config_hash: str | None = None) -> list[CapfiltScoreStats]:
-        """Per CapFilt config: the top-1 CLIP score distribution and how often the web caption is kept."""
+    def capfilt_score_stats(
+        self, config_hash: str | None = None, *, exact: bool = False
+    ) -> list[CapfiltScoreStats]:
+        """Per CapFilt config: the top-1 CLIP score distribution and how often the web caption is kept.
+
+        Combined from the per-shard summaries written when each shard was marked done (a shard done
+        before they existed is read from its sidecar): samples, errors, the mean and the kept share are
+        exact; the p10 / median / p90 come from 512 fixed bins over [-1, 1] and are within one bin width
+        (0.0039) of the exact values. `exact=True` reads every done sidecar for exact quantiles instead
+        (about 1 ms per file: minutes at 13k shards). Every done shard's sidecar must exist.
+        """
+        files = self._done_capfilt_sidecars(config_hash)
+        if exact:
+            return self._exact_capfilt_stats(files)
+        summaries: dict[str, ScoreSummary] = {}
+        if self._summaries:
+            for h, *figures in self._fetch(_SUMMED_CAPFILT_SQL, config_hash=config_hash):
+                summaries[h] = ScoreSummary.of_row((*figures, {}))
+            for h, b, n in self._fetch(_SUMMED_CAPFILT_BINS_SQL, config_hash=config_hash):
+                summaries[h].top1_bins[b] = n
+        summarized = self._summarized_capfilt_shards(config_hash)
+        for row in self._capfilt_summary_rows([f for f in files if f.key not in summarized]):
+            # (config_hash, source, shard, samples, errors, kept, top1 n/sum/sumsq/min/max, web ..., bins)
+            summary = ScoreSummary.of_row((*row[3:11], row[-2]))
+            summaries.setdefault(row[0], ScoreSummary()).merge(summary)
+        # A config whose done sidecars hold no rows at all has no statistics (as the Parquet scan says).
+        return [
+            _stats_of_summary(h, summaries[h])
+            for h in sorted(summaries)
+            if summaries[h].samples or summaries[h].errors
+        ]
+
+    def _exact_capfilt_stats(self, files: list[_SampleFile]) -> list[CapfiltScoreStats]:
         # The web caption is kept when it is one of the two captions CapFilt kept; comparing the text does
         # not depend on whether web_caption_rank counts from 0 or 1.
         rows = self._query_sample_files(
@@ -535,9 +671,71 @@ class Catalog:
             FROM samples AS s JOIN files AS f ON s.filename = f.path
             GROUP BY 1 ORDER BY 1
             """,
-            self._done_capfilt_sidecars(config_hash),
+            files,
         )
         return [_capfilt_stats(row) for row in rows]
+
+    def _summarized_capfilt_shards(self, config_hash: str | None) -> set[tuple[str, str, str]]:
+        if not self._summaries:
+            return set()
+        rows = self._fetch(
+            "SELECT config_hash, source, shard FROM capfilt_shard_summaries "
+            "WHERE $config_hash IS NULL OR config_hash = $config_hash",
+            config_hash=config_hash,
+        )
+        return set(rows)
+
+    def _sidecar(self, config_hash: str, source: str, shard: str) -> _SampleFile:
+        return _SampleFile(
+            str(self.layout.capfilt_sidecar(config_hash, source, shard)), source, shard, config_hash
+        )
+
+    def _capfilt_summary_rows(self, files: list[_SampleFile], missing_ok: bool = False) -> list[tuple]:
+        """CAPFILT_SUMMARY_SQL over sidecars, a chunk of files per query (memory stays flat). With
+        `missing_ok`, files that are missing or unreadable are skipped (no summary) instead of raising."""
+        if missing_ok:
+            files = [f for f in files if Path(f.path).is_file()]
+        rows = []
+        for i in range(0, len(files), _SUMMARY_CHUNK):
+            try:
+                rows += self._query_sample_files(CAPFILT_SUMMARY_SQL, files[i : i + _SUMMARY_CHUNK])
+            except CatalogError:
+                if not missing_ok:
+                    raise
+        return rows
+
+    def backfill_summaries(self) -> dict[str, int]:
+        """Write the per-shard summaries that shards registered or CapFilt-done before schema version 3
+        lack, reading their Parquet once; afterwards no question needs to. Returns how many were written."""
+        files = [
+            f
+            for f in self._registered_shard_files(None)
+            if (f.source, f.shard) not in self._shards_with_status_counts(None)
+        ]
+        counts: list[tuple] = []
+        for i in range(0, len(files), _SUMMARY_CHUNK):
+            counts += self._query_sample_files(
+                "SELECT f.source, f.shard, s.status, count(*) FROM samples AS s "
+                "JOIN files AS f ON s.filename = f.path WHERE s.status IS NOT NULL GROUP BY ALL",
+                files[i : i + _SUMMARY_CHUNK],
+            )
+        summarized = self._summarized_capfilt_shards(None)
+        sidecars = [f for f in self._done_capfilt_sidecars(None) if f.key not in summarized]
+        summaries = self._capfilt_summary_rows(sidecars)
+        with self._transaction() as con:
+            if counts:
+                con.execute(
+                    "INSERT OR REPLACE INTO shard_sample_status "
+                    "SELECT unnest($sources), unnest($shards), unnest($statuses), unnest($counts)",
+                    {
+                        "sources": [r[0] for r in counts],
+                        "shards": [r[1] for r in counts],
+                        "statuses": [r[2] for r in counts],
+                        "counts": [r[3] for r in counts],
+                    },
+                )
+            _write_capfilt_summaries(con, summaries)
+        return {"shards": len({(r[0], r[1]) for r in counts}), "capfilt_shards": len(summaries)}
 
     def capfilt_score_histogram(self, config_hash: str, bins: int = 20) -> CapfiltScoreHistogram:
         """The top-1 and the web caption's CLIP scores of one config's done sidecars, counted in `bins`
@@ -673,21 +871,70 @@ class Catalog:
         error: str | None = None,
     ) -> None:
         """Record where a registered shard stands in (stage, config_hash)."""
-        if status not in SHARD_STATUSES:
-            raise ValueError(
-                f"status of shard {source}/{shard} must be one of {SHARD_STATUSES}, got {status!r}"
-            )
+        self.set_shard_statuses(
+            stage, config_hash, run_id, [ShardStatusUpdate(source, shard, status, output_path, error)]
+        )
+
+    def set_shard_statuses(
+        self, stage: str, config_hash: str, run_id: str, updates: Iterable[ShardStatusUpdate]
+    ) -> None:
+        """Record where many registered shards stand in (stage, config_hash), in one transaction.
+
+        A CapFilt shard marked 'done' gets its per-shard summary (data_catalog/summaries.py) from its
+        sidecar, read before the transaction; a sidecar that is missing or unreadable gets none, and the
+        score questions read it from Parquet instead (and name it if it is missing).
+        """
+        updates = list({(u.source, u.shard): u for u in updates}.values())  # the last word per shard
+        for u in updates:
+            if u.status not in SHARD_STATUSES:
+                raise ValueError(
+                    f"status of shard {u.source}/{u.shard} must be one of {SHARD_STATUSES}, got {u.status!r}"
+                )
+        if not updates:
+            return
+        summarize = stage == CAPFILT_STAGE and self._summaries
+        done = [u for u in updates if u.status == "done"] if summarize else []
+        summaries = self._capfilt_summary_rows(
+            [self._sidecar(config_hash, u.source, u.shard) for u in done], missing_ok=True
+        )
+        columns = {
+            "sources": [u.source for u in updates],
+            "shards": [u.shard for u in updates],
+        }
         with self._transaction() as con:
             self._require_run(con, run_id)
-            if (
-                con.execute("SELECT 1 FROM shards WHERE source = ? AND shard = ?", [source, shard]).fetchone()
-                is None
-            ):
-                raise CatalogError(f"shard {source}/{shard} is not registered in catalog {self._path}")
+            unknown = con.execute(
+                "SELECT u.source, u.shard FROM (SELECT unnest($sources) AS source, unnest($shards) AS shard) "
+                "AS u ANTI JOIN shards AS s ON s.source = u.source AND s.shard = u.shard LIMIT 1",
+                columns,
+            ).fetchone()
+            if unknown is not None:
+                raise CatalogError(
+                    f"shard {unknown[0]}/{unknown[1]} is not registered in catalog {self._path}"
+                )
             con.execute(
-                "INSERT OR REPLACE INTO shard_stage_status VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
-                [stage, config_hash, source, shard, status, run_id, output_path, error],
+                "INSERT OR REPLACE INTO shard_stage_status SELECT $stage, $config_hash, unnest($sources), "
+                "unnest($shards), unnest($statuses), $run_id, unnest($outputs), unnest($errors), now()",
+                {
+                    "stage": stage,
+                    "config_hash": config_hash,
+                    "run_id": run_id,
+                    **columns,
+                    "statuses": [u.status for u in updates],
+                    "outputs": [u.output_path for u in updates],
+                    "errors": [u.error for u in updates],
+                },
             )
+            if summarize:
+                # A summary stands for a 'done' sidecar only: any new status drops the old one.
+                for table in _CAPFILT_SUMMARY_TABLES:
+                    con.execute(
+                        f"DELETE FROM {table} AS t USING "
+                        "(SELECT unnest($sources) AS source, unnest($shards) AS shard) AS u "
+                        "WHERE t.config_hash = $h AND t.source = u.source AND t.shard = u.shard",
+                        {"h": config_hash, **columns},
+                    )
+                _write_capfilt_summaries(con, summaries)
 
     def shard_statuses(
         self, stage: str, config_hash: str, source: str | None = None
@@ -720,12 +967,36 @@ class Catalog:
         )
         return [_shard_record(row) for row in rows]
 
+    def pending_shard_count(self, stage: str, config_hash: str, source: str | None = None) -> int:
+        """How many shards `pending_shards` would return, without building their records."""
+        (n,) = self._fetch(
+            """
+            SELECT count(*) FROM shards AS s
+            WHERE ($source IS NULL OR s.source = $source)
+              AND NOT EXISTS (
+                SELECT 1 FROM shard_stage_status AS t
+                WHERE t.stage = $stage AND t.config_hash = $config_hash
+                  AND t.source = s.source AND t.shard = s.shard AND t.status = 'done')
+            """,
+            stage=stage,
+            config_hash=config_hash,
+            source=source,
+        )[0]
+        return n
+
     def reset_shard_status(
         self, stage: str, config_hash: str, source: str, shards: Iterable[str] | None = None
     ) -> int:
         """Forget (stage, config_hash) progress for chosen shards of `source` (all when None): they re-run."""
         with self._transaction() as con:
             chosen = None if shards is None else list(shards)
+            if stage == CAPFILT_STAGE and self._summaries:
+                for table in _CAPFILT_SUMMARY_TABLES:
+                    con.execute(
+                        f"DELETE FROM {table} WHERE config_hash = $config_hash AND source = $source "
+                        "AND ($shards IS NULL OR list_contains($shards, shard))",
+                        {"config_hash": config_hash, "source": source, "shards": chosen},
+                    )
             (n,) = con.execute(
                 "DELETE FROM shard_stage_status WHERE stage = $stage AND config_hash = $config_hash "
                 "AND source = $source AND ($shards IS NULL OR list_contains($shards, shard))",
@@ -841,6 +1112,20 @@ class Catalog:
             """
         )
         return [StageSummary(*row) for row in rows]
+
+
+def _stats_of_summary(config_hash: str, summary: ScoreSummary) -> CapfiltScoreStats:
+    p10, p50, p90 = summary.top1_quantiles((0.1, 0.5, 0.9))
+    return CapfiltScoreStats(
+        config_hash,
+        summary.samples,
+        summary.errors,
+        summary.top1_mean,
+        p10,
+        p50,
+        p90,
+        summary.web_kept_share,
+    )
 
 
 def _capfilt_stats(row: tuple) -> CapfiltScoreStats:

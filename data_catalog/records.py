@@ -83,6 +83,17 @@ class ShardStatusRecord:
 
 
 @dataclass(frozen=True)
+class ShardStatusUpdate:
+    """One shard's new status in `Catalog.set_shard_statuses` (many shards, one transaction)."""
+
+    source: str
+    shard: str
+    status: str
+    output_path: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class CheckpointRecord:
     run_id: str
     step: int

@@ -13,7 +13,8 @@ import hashlib
 import json
 import mmap
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ class VerifiedShard:
     bytes: int
     sha256: str
     download_s: float | None
+    statuses: dict[str, int] = field(default_factory=dict)  # samples per img2dataset status
 
 
 def verify_img2dataset_shard(tar_path: Path) -> VerifiedShard:
@@ -69,6 +71,7 @@ def verify_img2dataset_shard(tar_path: Path) -> VerifiedShard:
         bytes=tar.bytes,
         sha256=tar.sha256,
         download_s=stats.get("duration"),
+        statuses=parquet.statuses,
     )
 
 
@@ -207,6 +210,7 @@ class ParquetScan:
     rows: int
     success_keys: frozenset[str]
     failures: dict[str, int]
+    statuses: dict[str, int] = field(default_factory=dict)
 
 
 def scan_img2dataset_parquet(parquet_path: Path) -> ParquetScan:
@@ -226,7 +230,7 @@ def scan_img2dataset_parquet(parquet_path: Path) -> ParquetScan:
         if status != "success":
             reason = classify_error(message)
             failures[reason] = failures.get(reason, 0) + 1
-    return ParquetScan(table.num_rows, success_keys, failures)
+    return ParquetScan(table.num_rows, success_keys, failures, dict(Counter(statuses)))
 
 
 def read_stats(stats_path: Path) -> dict[str, Any]:
