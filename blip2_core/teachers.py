@@ -669,6 +669,18 @@ def miniature_preset(teachers: TeacherPaths, out_file: str | os.PathLike[str], b
         "vocab_size": llm["vocab_size"],
         "max_position_embeddings": llm["max_position_embeddings"],
     }
+    # The Q-Former's text side speaks the teachers' WordPiece vocabulary: a few hundred ids, not BERT's
+    # 30,523 (whose unused rows would cost most of the ITG head's compute at this size).
+    from transformers import AutoTokenizer
+
+    wordpiece = AutoTokenizer.from_pretrained(Path(teachers.tokenizers) / "wordpiece", local_files_only=True)
+    raw["qformer"] |= {
+        "vocab_size": len(wordpiece),
+        "pad_token_id": wordpiece.pad_token_id,
+        "cls_token_id": wordpiece.cls_token_id,
+        "sep_token_id": wordpiece.sep_token_id,
+        "dec_token_id": wordpiece.convert_tokens_to_ids("[DEC]"),
+    }
     # Every caption of the corpus names every shape and where it is: crops keep nearly the whole image.
     for stage in ("stage1", "stage2"):
         raw[stage]["crop_scale_min"] = max(raw[stage]["crop_scale_min"], 0.9)

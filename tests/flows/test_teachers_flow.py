@@ -37,6 +37,11 @@ def test_teachers_flow_trains_once_and_writes_the_miniature_preset(prefect_harne
     cfg = load_preset(first.preset)
     assert cfg.vision.pretrained == str(first.clip_weights)
     assert cfg.llm.name == str(first.opt)
+    from transformers import AutoTokenizer
+
+    wordpiece = AutoTokenizer.from_pretrained(first.wordpiece)
+    assert cfg.qformer.vocab_size == len(wordpiece)
+    assert cfg.qformer.dec_token_id == wordpiece.convert_tokens_to_ids("[DEC]") != wordpiece.unk_token_id
     opt = json.loads((first.opt / "config.json").read_text())
     assert (cfg.llm.vocab_size, cfg.llm.hidden_size) == (opt["vocab_size"], opt["hidden_size"])
     # The frozen image encoder of the preset is the CLIP teacher's image tower, weight for weight.
