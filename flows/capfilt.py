@@ -40,7 +40,7 @@ from blip2_core.capfilt import (
     config_hash,
     load_capfilt_models,
 )
-from data_catalog import CAPFILT_STAGE, Catalog, CatalogError
+from data_catalog import CAPFILT_STAGE, Catalog, CatalogError, ShardStatusUpdate
 from data_catalog.layout import Layout
 from flows.common import (
     artifact_key,
@@ -397,25 +397,22 @@ def _weighted_mean(records: list[dict], field: str) -> float | None:
     return sum(v * n for v, n in pairs) / total if total else None
 
 
-def mark_running(layout: Layout, chash: str, run_id: str, batch: list[dict]) -> None:
-    with catalog_session(layout) as cat:
-        for item in batch:
-            cat.set_shard_status(CAPFILT_STAGE, chash, item["source"], item["shard"], "running", run_id)
+def _result_update(r: dict) -> ShardStatusUpdate:
+    output = r["output_path"] if r["status"] == "done" else None
+    return ShardStatusUpdate(r["source"], r["shard"], r["status"], output, r["error"])
 
 
-def register_results(layout: Layout, chash: str, run_id: str, records: list[dict]) -> None:
+def record_batches(
+    layout: Layout, chash: str, run_id: str, records: list[dict], starting: list[list[dict]]
+) -> None:
+    """One catalog session and one transaction per returned batch: its shards' results (a 'done' shard's
+    score summary included, read from its sidecar) and 'running' for the batches about to be submitted."""
+    updates = [_result_update(r) for r in records]
+    updates += [ShardStatusUpdate(i["source"], i["shard"], "running") for batch in starting for i in batch]
+    if not updates:
+        return
     with catalog_session(layout) as cat:
-        for r in records:
-            cat.set_shard_status(
-                CAPFILT_STAGE,
-                chash,
-                r["source"],
-                r["shard"],
-                r["status"],
-                run_id,
-                output_path=r["output_path"] if r["status"] == "done" else None,
-                error=r["error"],
-            )
+        cat.set_shard_statuses(CAPFILT_STAGE, chash, run_id, updates)
 
 
 def run_batches(
@@ -431,16 +428,16 @@ def run_batches(
         description=f"CapFilt `{chash}`: shards computed of {total} to do",
     )
     in_flight: dict[PrefectFuture, list[dict]] = {}
+    records: list[dict] = []
     while queue or in_flight:
-        while queue and len(in_flight) < engine.slots:
-            batch = queue.popleft()
-            mark_running(layout, chash, run_id, batch)
+        starting = [queue.popleft() for _ in range(min(len(queue), engine.slots - len(in_flight)))]
+        record_batches(layout, chash, run_id, records, starting)  # the last batch's results, the next ones
+        for batch in starting:
             future = capfilt_shards.submit(batch, cfg, batch_label(batch), engine.pool)
             in_flight[future] = batch
         future = next(as_completed(list(in_flight)))
         in_flight.pop(future)
         records = future.result()  # a task that raised (models failed to load) stops the run
-        register_results(layout, chash, run_id, records)
         tally.add(records)
         for r in records:
             if r["status"] == "failed":
@@ -449,6 +446,7 @@ def run_batches(
             "capfilt %d/%d shards (%d failed)", len(tally.records), total, len(tally.of(status="failed"))
         )
         update_progress_artifact(progress_id, progress=100.0 * len(tally.records) / total)
+    record_batches(layout, chash, run_id, records, [])
     return tally
 
 
