@@ -115,6 +115,7 @@ def teachers_flow(params: TeachersParams) -> TeachersSummary:
         cached = (folder / MANIFEST).is_file() and not params.force
         if cached:
             logger.info("teachers for config %s are on disk (%s): reused", chash, folder)
+            _refresh_preset(T, folder)
         else:
             _train(T, cfg, corpus_dir, folder, run_id, layout, params.threads, torch)
         summary = _summary(run_id, folder, cached)
@@ -135,6 +136,21 @@ def teachers_flow(params: TeachersParams) -> TeachersSummary:
         description=f"teachers {chash} ({'reused' if cached else 'trained'}); preset {summary.preset}",
     )
     return summary
+
+
+def _refresh_preset(T, folder: Path) -> None:
+    """Write the miniature preset again from reused teachers: it is derived from them, not trained, so
+    a newer version of this code applies its own preset rules to teachers trained by an older one."""
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    paths = T.TeacherPaths(
+        clip_config=Path(manifest["clip_config"]),
+        clip_weights=Path(manifest["clip_weights"]),
+        captioner=Path(manifest["captioner"]),
+        opt=Path(manifest["opt"]),
+        t5=Path(manifest["t5"]),
+        tokenizers=Path(manifest["wordpiece"]).parent,
+    )
+    T.miniature_preset(paths, Path(manifest["preset"]))
 
 
 def _train(T, cfg, corpus_dir: Path, folder: Path, run_id: str, layout, threads: int | None, torch) -> None:
