@@ -246,6 +246,10 @@ def shard_questions(path: Path, repeats: int) -> list[dict[str, Any]]:
             CAPFILT_STAGE, CURRENT_HASH, "laion"))  # fmt: skip
         record("pending_shards(capfilt, hash)", lambda: cat.pending_shards(CAPFILT_STAGE, CURRENT_HASH))
         record(
+            "pending_shard_count(capfilt, hash)",
+            lambda: [None] * cat.pending_shard_count(CAPFILT_STAGE, CURRENT_HASH),
+        )
+        record(
             "pending_shards(capfilt, hash, 'sbu')",
             lambda: cat.pending_shards(CAPFILT_STAGE, CURRENT_HASH, "sbu"),
         )
@@ -359,8 +363,10 @@ def write_sample_layer(
         pq.write_table(sidecar_table(samples, captions, rng), sidecar)
 
 
-def sample_catalog(home: Path, files: int, rows: int) -> Path:
-    """A catalog (home/catalog-<files>.duckdb) with shards 00000..files-1 registered and CapFilt-done."""
+def sample_catalog(home: Path, files: int, rows: int) -> tuple[Path, float]:
+    """A catalog (home/catalog-<files>.duckdb) with shards 00000..files-1 registered and CapFilt-done,
+    and the seconds `backfill_summaries` took to write their per-shard summaries (what registration and
+    the CapFilt flow write shard by shard, from the same files)."""
     path = home / f"catalog-{files}.duckdb"
     with Catalog.open(path) as cat:
         cat.upsert_source("laion", "web", str(home / "manifests" / "laion"), files * rows, {})
@@ -394,7 +400,28 @@ def sample_catalog(home: Path, files: int, rows: int) -> Path:
         schema=STATUS_SCHEMA,
     )
     bulk_insert(path, {"shards": shards, "shard_stage_status": statuses})
-    return path
+    start = time.perf_counter()
+    with Catalog.open(path) as cat:
+        cat.backfill_summaries()
+    return path, time.perf_counter() - start
+
+
+def batch_write_seconds(path: Path, repeats: int, batch: int = 8) -> float:
+    """What the CapFilt flow does per returned batch: `batch` shards marked done in one transaction,
+    each shard's summary read from its sidecar; a catalog session (open + close) included."""
+    from data_catalog import ShardStatusUpdate
+
+    with Catalog.open(path) as cat:
+        run_id = cat.start_run(CAPFILT_STAGE, CURRENT_HASH, {})
+    with Catalog.open(path, read_only=True) as cat:
+        registered = [s.shard for s in cat.shards("laion")][:batch]
+    updates = [ShardStatusUpdate("laion", shard, "done") for shard in registered]
+
+    def write() -> None:
+        with Catalog.open(path) as cat:
+            cat.set_shard_statuses(CAPFILT_STAGE, CURRENT_HASH, run_id, updates)
+
+    return timed(write, repeats)[0]
 
 
 def sample_questions(path: Path, repeats: int) -> dict[str, float]:
@@ -402,11 +429,13 @@ def sample_questions(path: Path, repeats: int) -> dict[str, float]:
         status_s, counts = timed(cat.sample_status_counts, repeats)
         stats_s, stats = timed(lambda: cat.capfilt_score_stats(CURRENT_HASH), repeats)
         one_s, failed = timed(lambda: cat.failed_samples("laion", "00000"), repeats)
+        histogram_s, _ = timed(lambda: cat.capfilt_score_histogram(CURRENT_HASH), 1)
     assert counts and stats and stats[0].samples > 0 and failed
     return {
         "sample_status_counts": status_s,
         "capfilt_score_stats": stats_s,
         "failed_samples(one shard)": one_s,
+        "capfilt_score_histogram (Parquet scan, 1 call)": histogram_s,
     }
 
 
@@ -424,9 +453,16 @@ def run_sample_level(root: Path, sizes: list[int], rows: int, check_files: int, 
     written_s = time.perf_counter() - start
     measured = []
     for files in sizes:
-        seconds = sample_questions(sample_catalog(home, files, rows), repeats)
+        path, backfill_s = sample_catalog(home, files, rows)
+        seconds = sample_questions(path, repeats)
         measured.append(
-            {"files": files, "rows": files * rows, **{k: round(v, 3) for k, v in seconds.items()}}
+            {
+                "files": files,
+                "rows": files * rows,
+                "backfill_s": round(backfill_s, 2),
+                "set_shard_statuses(8 done)": round(batch_write_seconds(path, repeats), 3),
+                **{k: round(v, 3) for k, v in seconds.items()},
+            }
         )
         print(json.dumps(measured[-1]), flush=True)
     out: dict[str, Any] = {
@@ -460,8 +496,14 @@ def file_count_check(root: Path, files: int, total_rows: int, repeats: int, same
     home = root / "many-files"
     rows = total_rows // files
     write_sample_layer(home, files, rows, rng, distinct=min(files, 500))
-    seconds = sample_questions(sample_catalog(home, files, rows), repeats)
-    result = {"files": files, "rows": files * rows, **{k: round(v, 3) for k, v in seconds.items()}}
+    path, backfill_s = sample_catalog(home, files, rows)
+    seconds = sample_questions(path, repeats)
+    result = {
+        "files": files,
+        "rows": files * rows,
+        "backfill_s": round(backfill_s, 2),
+        **{k: round(v, 3) for k, v in seconds.items()},
+    }
     print(json.dumps(result), flush=True)
     # Two points with the same rows and different file counts separate t = c * files + r * rows.
     result["model_129M"] = {}
