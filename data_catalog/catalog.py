@@ -18,9 +18,10 @@ import re
 import threading
 import time
 import uuid
+import zoneinfo
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -269,20 +270,42 @@ def _source_record(row: tuple) -> SourceRecord:
     return SourceRecord(name, kind, manifest_dir, n_urls, json.loads(dropped), updated_at)
 
 
-def _shard_record(row: tuple) -> ShardRecord:
-    source, shard, tar_path, ok, failed, failures, size, sha256, download_s, registered_at = row
-    return ShardRecord(
-        source,
-        shard,
-        Path(tar_path),
-        ok,
-        failed,
-        json.loads(failures),
-        size,
-        sha256,
-        download_s,
-        registered_at,
-    )
+# Records of thousands of shards are built in Python: timestamps come as epoch microseconds (DuckDB's own
+# time-zone-aware conversion took most of a 10k-row fetch) and shards of one folder share its Path.
+_UTC = zoneinfo.ZoneInfo(
+    "UTC"
+)  # the tzinfo DuckDB's own conversion gives, so records compare and print alike
+_EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
+
+
+def _utc(epoch_us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=epoch_us)
+
+
+def _shard_records(rows: list[tuple]) -> list[ShardRecord]:
+    folders: dict[str, Path] = {}
+    records = []
+    for source, shard, tar_path, ok, failed, failures, size, sha256, download_s, registered_us in rows:
+        folder, _, name = tar_path.rpartition("/")
+        parent = folders.get(folder)
+        if parent is None:
+            parent = folders[folder] = Path(folder or ".")
+        path = parent / name if folder else Path(tar_path)
+        records.append(
+            ShardRecord(
+                source,
+                shard,
+                path,
+                ok,
+                failed,
+                json.loads(failures),
+                size,
+                sha256,
+                download_s,
+                _utc(registered_us),
+            )
+        )
+    return records
 
 
 def _run_record(row: tuple) -> StageRunRecord:
@@ -300,15 +323,22 @@ def _run_record(row: tuple) -> StageRunRecord:
     )
 
 
-_SHARD_SELECT = """
-    SELECT s.source, s.shard, s.tar_path, s.samples_ok, s.samples_failed, coalesce(f.failures, '{}'),
-           s.bytes, s.sha256, s.download_s, s.registered_at
-    FROM shards AS s
-    LEFT JOIN (
-        SELECT source, shard, json_group_object(reason, samples)::VARCHAR AS failures
-        FROM shard_failures GROUP BY source, shard
-    ) AS f ON f.source = s.source AND f.shard = s.shard
-"""
+def _shard_select(where: str) -> str:
+    """Shard rows chosen by `where` (over `shards AS s`), with their failures aggregated for those only."""
+    return f"""
+    WITH s AS (SELECT * FROM shards AS s WHERE {where}),
+    f AS (
+        SELECT x.source, x.shard, json_group_object(x.reason, x.samples)::VARCHAR AS failures
+        FROM shard_failures AS x SEMI JOIN s ON x.source = s.source AND x.shard = s.shard
+        GROUP BY x.source, x.shard
+    )
+    SELECT s.source, s.shard, s.tar_path, s.samples_ok, s.samples_failed, coalesce(f.failures, '{{}}'),
+           s.bytes, s.sha256, s.download_s, epoch_us(s.registered_at)
+    FROM s LEFT JOIN f ON f.source = s.source AND f.shard = s.shard
+    ORDER BY s.source, s.shard
+    """
+
+
 # Per CapFilt config, the sums of its done shards' summaries (a summary of a shard not 'done' is never
 # left behind, but the join keeps the answer right even if one were).
 _DONE_SUMMARIES = """
@@ -544,16 +574,16 @@ class Catalog:
 
     def shards(self, source: str | None = None) -> list[ShardRecord]:
         rows = self._fetch(
-            _SHARD_SELECT + " WHERE $source IS NULL OR s.source = $source ORDER BY s.source, s.shard",
+            _shard_select("$source IS NULL OR s.source = $source"),
             source=source,
         )
-        return [_shard_record(row) for row in rows]
+        return _shard_records(rows)
 
     def shard(self, source: str, shard: str) -> ShardRecord | None:
         rows = self._fetch(
-            _SHARD_SELECT + " WHERE s.source = $source AND s.shard = $shard", source=source, shard=shard
+            _shard_select("s.source = $source AND s.shard = $shard"), source=source, shard=shard
         )
-        return _shard_record(rows[0]) if rows else None
+        return _shard_records(rows)[0] if rows else None
 
     def failures_by_reason(self, source: str | None = None) -> dict[str, int]:
         """Failed samples by reason over registered shards, most frequent first."""
@@ -940,32 +970,31 @@ class Catalog:
         self, stage: str, config_hash: str, source: str | None = None
     ) -> list[ShardStatusRecord]:
         rows = self._fetch(
-            "SELECT stage, config_hash, source, shard, status, run_id, output_path, error, updated_at "
-            "FROM shard_stage_status WHERE stage = $stage AND config_hash = $config_hash "
+            "SELECT stage, config_hash, source, shard, status, run_id, output_path, error, "
+            "epoch_us(updated_at) FROM shard_stage_status "
+            "WHERE stage = $stage AND config_hash = $config_hash "
             "AND ($source IS NULL OR source = $source) ORDER BY source, shard",
             stage=stage,
             config_hash=config_hash,
             source=source,
         )
-        return [ShardStatusRecord(*row) for row in rows]
+        return [ShardStatusRecord(*row[:-1], _utc(row[-1])) for row in rows]
 
     def pending_shards(self, stage: str, config_hash: str, source: str | None = None) -> list[ShardRecord]:
         """Registered shards that (stage, config_hash) has not finished: no status, or not 'done'."""
         rows = self._fetch(
-            _SHARD_SELECT
-            + """
-            WHERE ($source IS NULL OR s.source = $source)
-              AND NOT EXISTS (
-                SELECT 1 FROM shard_stage_status AS t
-                WHERE t.stage = $stage AND t.config_hash = $config_hash
-                  AND t.source = s.source AND t.shard = s.shard AND t.status = 'done')
-            ORDER BY s.source, s.shard
-            """,
+            _shard_select(
+                """($source IS NULL OR s.source = $source)
+                AND NOT EXISTS (
+                    SELECT 1 FROM shard_stage_status AS t
+                    WHERE t.stage = $stage AND t.config_hash = $config_hash
+                      AND t.source = s.source AND t.shard = s.shard AND t.status = 'done')"""
+            ),
             stage=stage,
             config_hash=config_hash,
             source=source,
         )
-        return [_shard_record(row) for row in rows]
+        return _shard_records(rows)
 
     def pending_shard_count(self, stage: str, config_hash: str, source: str | None = None) -> int:
         """How many shards `pending_shards` would return, without building their records."""
