@@ -282,6 +282,14 @@ def _utc(epoch_us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=epoch_us)
 
 
+def _child(parent: Path, name: str) -> Path:
+    """parent / name for a plain file name, without parsing it again (pathlib's own iterdir shortcut)."""
+    make = getattr(parent, "_make_child_relpath", None)
+    if make is None or name in ("", ".", ".."):
+        return parent / name
+    return make(name)
+
+
 def _shard_records(rows: list[tuple]) -> list[ShardRecord]:
     folders: dict[str, Path] = {}
     records = []
@@ -290,7 +298,7 @@ def _shard_records(rows: list[tuple]) -> list[ShardRecord]:
         parent = folders.get(folder)
         if parent is None:
             parent = folders[folder] = Path(folder or ".")
-        path = parent / name if folder else Path(tar_path)
+        path = _child(parent, name) if folder else Path(tar_path)
         records.append(
             ShardRecord(
                 source,
