@@ -2,8 +2,9 @@
 
 A 13k-shard CapFilt run is `ceil(13,000 / shards_per_task)` task runs (1,625 at the default 8), each a
 batch of shards. This runs the real `capfilt_flow` (planning over the catalog, one `capfilt-shards`
-task run per batch, 'running' then 'done' statuses written per shard by the flow process, progress
-artifact, summary, table artifact) on the local ephemeral Prefect server, over a catalog of
+task run per batch, each returned batch's statuses and the next batch's 'running' written by the flow
+process in one catalog session and transaction (with per-shard score summaries from the sidecars),
+progress artifact, summary, table artifact) on the local ephemeral Prefect server, over a catalog of
 --catalog-shards registered shards (default 13,000), with the model work replaced by a stand-in that
 writes a one-row sidecar per shard and sleeps --work-s seconds per task. What remains is the
 orchestration: Prefect's task-run bookkeeping and the catalog writes per batch.
@@ -109,13 +110,12 @@ _ONE_ROW = {
 
 
 class CatalogTimer:
-    """Wraps the flow's two per-batch catalog writes (mark_running, register_results) with a clock."""
+    """Times the flow's per-batch catalog write (record_batches: one session, one transaction)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._mark, self._register = fc.mark_running, fc.register_results
-        fc.mark_running = self._timed(self._mark)
-        fc.register_results = self._timed(self._register)
+        self._record = fc.record_batches
+        fc.record_batches = self._timed(self._record)
 
     def _timed(self, fn):
         def wrapper(*args, **kwargs):
