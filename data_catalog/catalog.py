@@ -3,7 +3,9 @@
 One process writes the catalog at a time (DuckDB locks the file); `Catalog.open` waits for the lock up
 to `timeout_s`. Per-sample data stays in Parquet (img2dataset's per-shard files, CapFilt sidecars) and is
 read on demand with `read_parquet`, so the catalog file stays small at 129M samples; only the files of
-registered shards and finished CapFilt shards are read. Checking a shard's files before it is registered
+registered shards and finished CapFilt shards are read. The aggregates over every shard (samples per
+status, CapFilt score statistics) sum per-shard summaries kept in the catalog instead (`summaries.py`),
+written when a shard is registered or marked done. Checking a shard's files before it is registered
 is `shard_files.py`'s job; this module holds the SQL.
 
 The schema is versioned: `migrations/NNNN_name.sql` files, applied in order, in one transaction, when
