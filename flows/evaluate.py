@@ -162,7 +162,7 @@ def resolve_checkpoint(ref: str, layout: Layout) -> ModelRef:
         raise FileNotFoundError(
             f"checkpoint: {path} is neither a checkpoint, a run folder nor a BLIP-2 folder"
         )
-    from flows.finetune import latest_recorded_checkpoint
+    from flows.train import latest_recorded_checkpoint
 
     with catalog_session(layout, read_only=layout.catalog.exists()) as cat:
         if cat.run(ref) is None:

@@ -45,7 +45,7 @@ from blip2_core.hf_interop import RUN_CONFIG_FILE
 from data_catalog import Catalog
 from data_catalog.layout import Layout
 from flows.common import catalog_session, flow_run_id, layout_for, source_lock
-from flows.train import _log_to_file, _precision, _Reporter, config_hash, watch
+from flows.train import _log_to_file, _precision, _Reporter, config_hash, latest_recorded_checkpoint, watch
 
 PAPER_BATCH = {"caption": 256, "vqa": 128, "retrieval": 224}
 START_STAGES = {"caption": ("stage2",), "vqa": ("stage2",), "retrieval": ("stage1",)}
@@ -141,22 +141,6 @@ class FinetuneSummary(BaseModel):
 
 
 # --- resolving the start ----------------------------------------------------------------------------
-
-
-def latest_recorded_checkpoint(cat: Catalog, run_id: str, what: str) -> Path:
-    """The newest checkpoint a finished run recorded, checked to be on disk."""
-    rec = cat.run(run_id)
-    if rec is None:
-        raise ValueError(f"{what} {run_id!r} is not a run in the catalog")
-    if rec.status != "done":
-        raise ValueError(f"{what} {run_id!r} has status {rec.status!r}: start from a finished run")
-    recorded = cat.checkpoints(run_id)
-    if not recorded:
-        raise ValueError(f"{what} {run_id!r} recorded no checkpoint")
-    path = Path(recorded[-1].path)
-    if not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{what} {run_id!r}: its latest checkpoint {path} is gone from disk")
-    return path
 
 
 def run_config(run_dir: Path) -> Blip2Config:

@@ -272,23 +272,28 @@ def _source_jobs(spec, layout, capfilt, with_sidecar, without) -> list[SourceJob
     ]
 
 
+def latest_recorded_checkpoint(cat: Catalog, run_id: str, what: str) -> Path:
+    """The newest checkpoint a finished run recorded, checked to be on disk."""
+    rec = cat.run(run_id)
+    if rec is None:
+        raise ValueError(f"{what} {run_id!r} is not a run in the catalog")
+    if rec.status != "done":
+        raise ValueError(f"{what} {run_id!r} has status {rec.status!r}: start from a finished run")
+    recorded = cat.checkpoints(run_id)
+    if not recorded:
+        raise ValueError(f"{what} {run_id!r} recorded no checkpoint")
+    path = Path(recorded[-1].path)
+    if not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{what} {run_id!r}: its latest checkpoint {path} is gone from disk")
+    return path
+
+
 def resolve_stage1_checkpoint(cat: Catalog, layout: Layout, run_id: str, cfg: Blip2Config) -> Path:
     """The latest checkpoint the catalog recorded for a finished stage-1 run, checked against our preset."""
     rec = cat.run(run_id)
-    if rec is None:
-        raise ValueError(f"stage1_run {run_id!r} is not a run in the catalog")
-    if rec.stage != "stage1":
+    if rec is not None and rec.stage != "stage1":
         raise ValueError(f"stage1_run {run_id!r} is a {rec.stage!r} run, not a stage-1 run")
-    if rec.status != "done":
-        raise ValueError(
-            f"stage1_run {run_id!r} has status {rec.status!r}: stage 2 starts from a finished run"
-        )
-    recorded = cat.checkpoints(run_id)
-    if not recorded:
-        raise ValueError(f"stage1_run {run_id!r} recorded no checkpoint")
-    path = Path(recorded[-1].path)
-    if not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"stage1_run {run_id!r}: its latest checkpoint {path} is gone from disk")
+    path = latest_recorded_checkpoint(cat, run_id, "stage1_run")
     config_file = layout.run_dir("stage1", run_id) / "config.json"
     if config_file.is_file():
         theirs = json.loads(config_file.read_text())["config"]
