@@ -389,6 +389,7 @@ class _Trainer:
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     self._checkpoint()
         finally:
+            batches.close()  # stops the DataLoader workers now, not when a traceback lets go of them
             if self.writer is not None:
                 self.writer.close()
         last_loss = self.history[-1][1]["loss"] if self.history else None

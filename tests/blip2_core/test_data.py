@@ -10,6 +10,7 @@ import random
 import tarfile
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -296,6 +297,25 @@ def test_two_workers_cover_the_epoch_once(tmp_path):
     keys = [k for _, k, _ in epoch_samples(data)]
     assert sorted(keys) == sorted(k for s in range(4) for k in keys_of(s, 10))
     assert data.stats.samples == 40
+
+
+def test_workers_started_from_a_thread_pool_exit_cleanly(tmp_path):
+    """Prefect runs tasks in a thread pool; workers forked there used to exit with status 1, which
+    torch's SIGCHLD handler reports as a crashed worker when it wins a race with the loader's shutdown."""
+    source = make_source(tmp_path, "web", shards=2, per_shard=10)
+    data = loader([source], num_workers=1)
+
+    def read_two_batches_then_stop() -> list[int | None]:
+        stream = data._loader()
+        batches = iter(stream)
+        next(batches), next(batches)
+        workers = list(batches._workers)
+        batches._shutdown_workers()
+        return [w.exitcode for w in workers]
+
+    with ThreadPoolExecutor(1) as pool:
+        codes = pool.submit(read_two_batches_then_stop).result()
+    assert codes == [0]
 
 
 # ----------------------------------------------------------------------------- mixing and bad samples
