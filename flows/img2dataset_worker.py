@@ -92,7 +92,17 @@ def main(job_json: str) -> None:
     # The package re-exports a function named `main`, which hides the submodule of that name.
     i2d = sys.modules["img2dataset.main"]
     i2d.Resizer = SafeResizer  # download() builds its resizer from this module attribute
+    _start_ray_if_needed(job["kwargs"])
     i2d.download(**job["kwargs"])
+
+
+def _start_ray_if_needed(kwargs: dict) -> None:
+    """The ray distributor joins RAY_ADDRESS; without it, Ray's first task would start a local instance
+    listening on every interface, so start a loopback-only one first."""
+    if kwargs.get("distributor") == "ray" and not os.environ.get("RAY_ADDRESS"):
+        from flows.ray_capfilt import start_local_ray
+
+        start_local_ray()
 
 
 if __name__ == "__main__":  # img2dataset spawns processes: this guard is required

@@ -8,11 +8,21 @@ batch, and keeps them for the rest of the run. Only the flow process touches the
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
+
+# Ray's servers (GCS, raylet and object manager, every worker's RPC server, the agents and the metrics
+# export) listen on the node IP, and on Linux ray.init picks the machine's outward address for it; the
+# C++ servers then listen on every interface. Ray binds them to loopback only when the node IP is
+# loopback, and it keeps a loopback node IP only where "clusters" are disabled, as on Windows and macOS:
+# ray.init(_node_ip_address="127.0.0.1") is turned back into the outward address. So a local instance
+# starts with clusters disabled: for the driver (the constant, read when ray.init asks for the node IP;
+# Ray may have been imported before the variable is set) and for the processes it spawns (the variable).
+_CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Pools of the live flow runs in this process, by id: tasks receive the id, never the actors themselves.
 _POOLS: dict[str, RayActorPool] = {}
@@ -88,16 +98,41 @@ def pool_size(device_request: str, num_gpus: int | None, num_workers: int) -> tu
     return "cuda", gpus
 
 
+def start_local_ray(**options: Any) -> None:
+    """Start a new Ray instance on this machine whose every server listens on loopback only.
+
+    `options` go to ray.init (num_cpus, object_store_memory, _temp_dir, ...). A Ray cluster that other
+    machines join is started with `ray start` on each node, not here.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_CLUSTERS_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTERS_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_CLUSTERS_ENV, None)
+        else:
+            os.environ[_CLUSTERS_ENV] = saved_env
+
+
 @contextlib.contextmanager
 def ray_actor_pool(
     address: str | None, device_request: str, num_gpus: int | None, num_workers: int
 ) -> Iterator[RayActorPool]:
-    """Connect to Ray (or start a local instance, stopped again at the end) and hold an actor pool."""
+    """Connect to Ray (or start a loopback-only local instance, stopped again at the end) and hold an
+    actor pool."""
     import ray
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+        if address in (None, "local"):
+            start_local_ray()
+        else:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
         started = True
     device, size = pool_size(device_request, num_gpus, num_workers)
     pool = RayActorPool(device, size)

@@ -22,6 +22,7 @@ from test_capfilt_flow import (
 import flows.capfilt as fc
 from data_catalog.layout import Layout
 from flows.capfilt import capfilt_flow
+from flows.ray_capfilt import start_local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -36,15 +37,7 @@ def local_ray():
     # Ray's socket paths must stay short (AF_UNIX limit), hence a temp dir of its own under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="ray-capfilt-", dir="/tmp")
     start = time.monotonic()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=80 * 2**20,
-        _temp_dir=temp_dir,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-    )
+    start_local_ray(num_cpus=2, object_store_memory=80 * 2**20, _temp_dir=temp_dir)  # the flow's setting
     print(f"ray.init: {time.monotonic() - start:.1f} s")
     try:
         yield
