@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 RUN_STATUSES: tuple[str, ...] = ("running", "done", "failed", "cancelled")
 FINAL_RUN_STATUSES: tuple[str, ...] = ("done", "failed", "cancelled")
@@ -44,6 +44,18 @@ class ShardRecord:
     @property
     def samples(self) -> int:
         return self.samples_ok + self.samples_failed
+
+
+class PlannedShard(NamedTuple):
+    """A registered shard as a stage's planner reads it (`Catalog.shard_plan`): its tar, its samples and
+    how far one stage config got with it. A NamedTuple of plain values, made from the fetched row as it
+    is: a plan over 13k shards builds one per shard, and a ShardRecord costs several times more."""
+
+    source: str
+    shard: str
+    tar_path: str  # as registered: the same path as ShardRecord.tar_path, as text
+    samples_ok: int
+    status: str  # under the asked (stage, config hash); 'pending' where it has none there
 
 
 @dataclass(frozen=True)
