@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -40,7 +40,7 @@ from blip2_core.capfilt import (
     config_hash,
     load_capfilt_models,
 )
-from data_catalog import CAPFILT_STAGE, Catalog, CatalogError, ShardStatusUpdate
+from data_catalog import CAPFILT_STAGE, Catalog, CatalogError, PlannedShard, ShardStatusUpdate
 from data_catalog.layout import Layout
 from flows.common import (
     artifact_key,
@@ -297,7 +297,7 @@ def plan_shards(cat: Catalog, params: CapFiltParams, layout: Layout, chash: str)
     plan = Plan(todo=[], registered={}, cached={})
     choice = parse_shard_choice(params.shards, params.sources) if params.shards else None
     for source in params.sources:
-        shards = {s.shard: s for s in cat.shards(source)}
+        shards = {s.shard: s for s in cat.shard_plan(source, CAPFILT_STAGE, chash)}
         if not shards:
             raise CatalogError(f"source {source!r} has no registered shards: ingest it first (blip2 ingest)")
         plan.registered[source] = len(shards)
@@ -307,29 +307,28 @@ def plan_shards(cat: Catalog, params: CapFiltParams, layout: Layout, chash: str)
                 raise CatalogError(f"source {source!r} has no shard(s) {unknown}")
             todo = sorted(choice[source])
         else:
-            samples = {shard: rec.samples_ok for shard, rec in shards.items()}
-            done = set() if params.force else _done_shards(cat, layout, chash, source, samples)
+            done = set() if params.force else _done_shards(layout, chash, shards.values())
             todo = sorted(shards.keys() - done)
             plan.cached[source] = sorted(done)
         for shard in todo:
             out = layout.capfilt_sidecar(chash, source, shard)
             plan.todo.append(
-                {"source": source, "shard": shard, "tar": str(shards[shard].tar_path), "out": str(out)}
+                {"source": source, "shard": shard, "tar": shards[shard].tar_path, "out": str(out)}
             )
     return plan
 
 
-def _done_shards(cat: Catalog, layout: Layout, chash: str, source: str, samples: dict[str, int]) -> set[str]:
+def _done_shards(layout: Layout, chash: str, shards: Iterable[PlannedShard]) -> set[str]:
     """Shards done under `chash` whose sidecar is whole on disk; one that lost or broke it runs again."""
     done = set()
-    for st in cat.shard_statuses(CAPFILT_STAGE, chash, source):
-        if st.status != "done":
+    for s in shards:
+        if s.status != "done":
             continue
-        problem = sidecar_problem(layout.capfilt_sidecar(chash, source, st.shard), samples.get(st.shard))
+        problem = sidecar_problem(layout.capfilt_sidecar(chash, s.source, s.shard), s.samples_ok)
         if problem is None:
-            done.add(st.shard)
+            done.add(s.shard)
         else:
-            get_run_logger().warning("shard %s/%s runs again: %s", source, st.shard, problem)
+            get_run_logger().warning("shard %s/%s runs again: %s", s.source, s.shard, problem)
     return done
 
 

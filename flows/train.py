@@ -192,7 +192,7 @@ def resolved_config(params: TrainParams) -> Blip2Config:
 
 def _chosen_shards(cat: Catalog, spec: SourceParams) -> list[tuple[str, Path, int]]:
     """(shard id, tar path, samples) of a source: all registered shards, or the ones named."""
-    records = {r.shard: r for r in cat.shards(spec.name)}
+    records = {r.shard: r for r in cat.shard_plan(spec.name)}
     if spec.shards is None:
         return [(r.shard, Path(r.tar_path), r.samples_ok) for r in records.values()]
     chosen = []
