@@ -12,7 +12,7 @@ Standard library only: img2dataset's pool processes import this module.
 from __future__ import annotations
 
 import ipaddress
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 # Reason names, as the manifest report and the catalog's failure reasons spell them.
 BLOCKED_PREFIX = "blocked_"
@@ -66,3 +66,62 @@ def literal_host_refusal(url: str, allow_loopback: bool = False) -> str | None:
 def blocked_message(host: str, address: str, category: str) -> str:
     """The error text a refused connection records; data_catalog.failures maps it to `blocked_<category>`."""
     return f"blocked address ({category}): {host} resolves to {address}, which ingest does not fetch from"
+
+
+# --- credentials in URLs -----------------------------------------------------------------------------
+# Flow parameters are stored by Prefect as the flow run's parameters and shown in its UI, so a URL given
+# as a parameter must not carry a secret: neither a user:password@ nor a signed or keyed query string.
+# Query parameters (lower-cased) that hold a secret: S3 (SigV4 and SigV2 presigned URLs), GCS signed
+# URLs, Azure SAS tokens, and the generic token / key names of HTTP APIs.
+CREDENTIAL_QUERY_PARAMETERS = frozenset(
+    {
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "awsaccesskeyid",
+        "signature",
+        "x-goog-signature",
+        "x-goog-credential",
+        "googleaccessid",
+        "sig",
+        "token",
+        "access_token",
+        "id_token",
+        "refresh_token",
+        "api_key",
+        "apikey",
+        "key",
+        "secret",
+        "client_secret",
+        "password",
+        "passwd",
+    }
+)
+
+
+def url_credentials(url: str) -> list[str]:
+    """What in `url` is a credential, named without its value: `user:password@`, `query parameter 'sig'`."""
+    parts = urlsplit(url.strip())
+    found = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        found.append("user:password@" if ":" in userinfo else "user@ (a user name or token)")
+    for pair in parts.query.split("&"):
+        name = unquote_plus(pair.split("=", 1)[0]).strip().lower()
+        if name in CREDENTIAL_QUERY_PARAMETERS:
+            found.append(f"query parameter {name!r}")
+    return found
+
+
+def credentials_message(url: str) -> str | None:
+    """Why a URL given as a flow parameter is refused (it carries credentials), or None; never quotes
+    them. The caller names the parameter (pydantic's error location)."""
+    found = url_credentials(url)
+    if not found:
+        return None
+    return (
+        f"the URL carries credentials ({', '.join(found)}). Flow parameters are stored and shown "
+        "by Prefect: pass the URL without them and put the credentials in a Prefect block or the "
+        "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, "
+        "AZURE_STORAGE_SAS_TOKEN, ...)"
+    )

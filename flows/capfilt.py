@@ -29,7 +29,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blip2_core.capfilt import (
     CapFiltConfig,
@@ -48,6 +48,7 @@ from flows.common import (
     flow_run_id,
     layout_for,
     redact,
+    refuse_url_credentials,
     require_paths,
     source_lock,
 )
@@ -92,7 +93,8 @@ class SamplingParams(BaseModel):
 class CapFiltParams(BaseModel):
     """Parameters of one CapFilt run (the flow's and the CLI's)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Errors never quote a value: ray_address may be a refused URL with credentials.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     sources: tuple[str, ...] = Field(min_length=1, description="catalog source names")
     shards: tuple[str, ...] | None = Field(
@@ -113,6 +115,11 @@ class CapFiltParams(BaseModel):
     num_workers: int = Field(1, ge=1, description="ray: model-holding CPU actors when there is no GPU")
     num_gpus: int | None = Field(None, ge=0, description="ray: one actor per GPU; default every GPU")
     home: Path | None = Field(None, description="data root; default $BLIP2_HOME or ./var")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address_without_credentials(cls, address: str | None) -> str | None:
+        return refuse_url_credentials(address)
 
 
 class CapFiltSourceRow(BaseModel):
@@ -597,4 +604,4 @@ def _publish(summary: CapFiltSummary, keep_top: int) -> None:
 
 
 def _jsonable(params: BaseModel) -> dict:
-    return redact(json.loads(params.model_dump_json()))  # ray_address may be ray://user:pw@host
+    return redact(json.loads(params.model_dump_json()))

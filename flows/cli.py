@@ -526,7 +526,8 @@ def _field_errors(err) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(part) for part in e["loc"]) or "(parameters)"
-        got = "" if e["type"] == "missing" else f" (got {repr(e.get('input'))[:80]})"
+        quiet = e["type"] in ("missing", "url_credentials")  # never echo a credential
+        got = "" if quiet else f" (got {repr(e.get('input'))[:80]})"
         lines.append(f"  {where}: {e['msg']}{got}")
     return "\n".join(lines)
 

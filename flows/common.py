@@ -125,8 +125,9 @@ def require_paths(
 
 
 # --- credentials never reach the catalog, logs or artifacts ------------------------------------------
-# Object-store credentials come from the environment or Prefect blocks; a URL that carries a user and
-# password (http://user:pw@host/, s3://key:secret@bucket) is recorded with them masked.
+# Object-store credentials come from the environment or Prefect blocks. A flow parameter that is a URL
+# refuses credentials (Prefect stores and shows flow-run parameters); any other URL that carries a user
+# and password (http://user:pw@host/, s3://key:secret@bucket) is recorded with them masked.
 
 _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
 
@@ -140,6 +141,19 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     return value
+
+
+def refuse_url_credentials(url: str | None) -> str | None:
+    """A params-model field validator's body: `url` unchanged, or an error if it carries credentials
+    (pydantic names the field; the error type `url_credentials` tells the CLI not to echo the value)."""
+    from pydantic_core import PydanticCustomError
+
+    from data_catalog.url_safety import credentials_message
+
+    problem = None if url is None else credentials_message(url)
+    if problem is not None:
+        raise PydanticCustomError("url_credentials", problem)
+    return url
 
 
 def fingerprint(text: str | None) -> str | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blip2_core.fileio import atomic_write_text
 from data_catalog import Catalog, CatalogError, ShardIntegrityError
@@ -33,6 +33,7 @@ from flows.common import (
     flow_run_id,
     layout_for,
     redact,
+    refuse_url_credentials,
     require_paths,
     source_lock,
 )
@@ -48,7 +49,8 @@ _FINGERPRINT_BYTES = 1 << 20
 class IngestParams(BaseModel):
     """Parameters of one ingest run (the flow's and the CLI's)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Errors never quote a value: base_url may be a refused URL with credentials.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     source: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="source name, e.g. cc3m")
     inputs: tuple[Path, ...] = Field(
@@ -62,7 +64,9 @@ class IngestParams(BaseModel):
         description="admit hosts on 127.0.0.0/8 and ::1 (the demo's corpus server); link-local, private, "
         "multicast and reserved addresses are always refused",
     )
-    base_url: str | None = Field(None, description="COCO/Karpathy formats: URL prefix of the image files")
+    base_url: str | None = Field(
+        None, description="COCO/Karpathy formats: URL prefix of the image files (without credentials)"
+    )
     splits: tuple[str, ...] | None = Field(None, description="Karpathy format: keep only these splits")
     download: DownloadOptions = Field(default_factory=DownloadOptions)
     retry_failed: bool = Field(False, description="retry failed URLs inside finished shards")
@@ -73,6 +77,11 @@ class IngestParams(BaseModel):
     )
     retry_reasons: tuple[str, ...] = Field(RETRYABLE_REASONS, description="failure reasons worth a retry")
     home: Path | None = Field(None, description="data root; default $BLIP2_HOME or ./var")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_without_credentials(cls, url: str | None) -> str | None:
+        return refuse_url_credentials(url)
 
 
 class IngestSummary(BaseModel):
