@@ -57,3 +57,21 @@ def check_sample_key(key: str) -> str:
     if ".." in key.split("/"):
         raise UnsafeKeyError(f"sample key {key!r} climbs out of its folder ('..')")
     return key
+
+
+def path_under(folder: str | os.PathLike[str], name: object, where: str) -> Path:
+    """`folder/name` for an image path read from an annotation file (COCO `file_name`, Karpathy
+    `filepath/filename`, a VQA or Visual Genome image id through its file-name pattern).
+
+    Annotation files come from outside, so a name that is absolute, holds a NUL byte, or climbs out of
+    `folder` through `..` is refused with UnsafeKeyError naming `where` (the file and the entry) and the
+    name. Checked on the names alone: a symlink inside `folder` is the user's own choice and is followed.
+    """
+    text = str(name)
+    if "\x00" in text:
+        raise UnsafeKeyError(f"{where}: image path {text!r} holds a NUL byte")
+    if os.path.isabs(text):
+        raise UnsafeKeyError(f"{where}: image path {text!r} is absolute; give it relative to {folder}")
+    if os.path.normpath(text).split(os.sep)[0] == "..":
+        raise UnsafeKeyError(f"{where}: image path {text!r} resolves outside the image folder {folder}")
+    return Path(folder) / text

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from blip2_core.config import Blip2Config, config_from_dict, config_to_dict
 from blip2_core.data import AugmentConfig, ImageTransform
+from blip2_core.fileio import path_under
 from blip2_core.generate import VQA_GENERATION, GenerationConfig, generate_with_llm, vqa_prompt
 from blip2_core.optim import param_groups
 from blip2_core.stage1 import Blip2Stage1
@@ -215,7 +216,7 @@ def image_file(root: Path, image_id: Any, pattern: str, where: str) -> str:
         name = pattern.format(image_id=image_id)
     except (ValueError, KeyError) as err:
         raise ValueError(f"image_pattern {pattern!r} cannot name image_id {image_id!r}: {err}") from err
-    path = Path(root) / name
+    path = path_under(root, name, f"{where}: image_id {image_id!r}")
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image file {path} does not exist (image_pattern {pattern!r})")
     return str(path)
@@ -231,7 +232,8 @@ def coco_caption_records(annotations: str | os.PathLike[str], images: str | os.P
     for i, img in enumerate(data["images"]):
         if "id" not in img or "file_name" not in img:
             raise ValueError(f"{path}: image #{i} needs 'id' and 'file_name'")
-        files[img["id"]], numbers[img["id"]] = Path(images) / img["file_name"], i
+        files[img["id"]] = path_under(images, img["file_name"], f"{path}: images[{i}] (id {img['id']!r})")
+        numbers[img["id"]] = i
     records = []
     for i, ann in enumerate(data["annotations"]):
         image_id = ann.get("image_id")

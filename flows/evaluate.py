@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from blip2_core.fileio import atomic_write_text
+from blip2_core.fileio import atomic_write_text, path_under
 from data_catalog.layout import Layout
 from flows.common import catalog_session, flow_run_id, layout_for
 
@@ -216,16 +217,30 @@ def _images_of_coco(annotations: Path, images: Path) -> dict[Any, str]:
     """image_id -> file under `images`, from a COCO captions file's `images[].file_name`."""
     data = json.loads(annotations.read_text())
     files = {
-        img["id"]: str(images / img["file_name"]) for img in data.get("images", []) if "file_name" in img
+        img["id"]: str(path_under(images, img["file_name"], f"{annotations}: images[{i}] (id {img['id']!r})"))
+        for i, img in enumerate(data.get("images", []))
+        if "file_name" in img
     }
     if not files:
         raise ValueError(f"{annotations}: no images[].file_name to find the image files by")
-    missing = [f for f in files.values() if not Path(f).is_file()]
+    _require_files(annotations, list(files.values()))
+    return files
+
+
+def _retrieval_image_files(annotations: Path, images: Path, keys: Sequence[Any]) -> list[str]:
+    """The files under `images` of a retrieval file's image keys (Karpathy `filepath/filename`, COCO
+    `file_name`, LAVIS `image`), in order."""
+    files = [str(path_under(images, key, f"{annotations}: image #{i}")) for i, key in enumerate(keys)]
+    _require_files(annotations, files)
+    return files
+
+
+def _require_files(annotations: Path, files: list[str]) -> None:
+    missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{annotations}: {len(missing)} image file(s) do not exist, e.g. {missing[0]}"
         )
-    return files
 
 
 def predict_captions(model, params: EvaluateParams) -> list[dict]:
@@ -267,12 +282,7 @@ def retrieval_metrics(model, params: EvaluateParams, tokenize) -> tuple[dict[str
     from blip2_core.metrics import load_retrieval_gt, recall_at_k
 
     gt = load_retrieval_gt(params.annotations, params.split)
-    paths = [str(Path(params.images) / str(key)) for key in gt.image_keys]
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{params.annotations}: {len(missing)} image file(s) missing, e.g. {missing[0]}"
-        )
+    paths = _retrieval_image_files(params.annotations, Path(params.images), gt.image_keys)
     out = retrieval_scores(model, paths, list(gt.texts), tokenize, params.k, params.batch_size, params.rerank)
     reranked = recall_at_k(out.scores_i2t, gt.img2txt, gt.txt2img, sim_t2i=out.scores_t2i)
     itc_only = recall_at_k(out.sim_i2t, gt.img2txt, gt.txt2img)
