@@ -160,9 +160,11 @@ def shard_rows(counts: dict[str, int], home: Path, rng: np.random.Generator) -> 
             )
             totals: dict[str, int] = {}
             for reason, k in zip(reasons, per_reason, strict=True):
-                totals[reason] = totals.get(reason, 0) + int(k)
+                if k:
+                    totals[reason] = totals.get(reason, 0) + int(k)
+            shards[-1]["failures"] = json.dumps(totals)  # the shard_failures rows as one object
             failures += [
-                {"source": source, "shard": shard, "reason": r, "samples": k} for r, k in totals.items() if k
+                {"source": source, "shard": shard, "reason": r, "samples": k} for r, k in totals.items()
             ]
     return pa.Table.from_pylist(shards), pa.Table.from_pylist(failures)
 
@@ -388,6 +390,7 @@ def sample_catalog(home: Path, files: int, rows: int) -> tuple[Path, float]:
             "sha256": ["0" * 64] * files,
             "download_s": [8.0] * files,
             "registered_at": [now] * files,
+            "failures": ["{}"] * files,
         }
     )
     statuses = pa.table(

@@ -183,7 +183,11 @@ def _locked_message(path: Path, duckdb_message: str, timeout_s: float) -> str:
 
 
 def _write_shard(
-    con: duckdb.DuckDBPyConnection, source: str, shard: VerifiedShard, summaries: bool = True
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    shard: VerifiedShard,
+    summaries: bool = True,
+    failures_column: bool = True,
 ) -> None:
     key = [source, shard.shard]
     previous = con.execute("SELECT sha256 FROM shards WHERE source = ? AND shard = ?", key).fetchone()
@@ -206,18 +210,22 @@ def _write_shard(
                 "counts": list(shard.statuses.values()),
             },
         )
-    con.execute(
-        "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())",
-        [
-            *key,
-            str(shard.tar_path),
-            shard.samples_ok,
-            shard.samples_failed,
-            shard.bytes,
-            shard.sha256,
-            shard.download_s,
-        ],
-    )
+    row = [
+        *key,
+        str(shard.tar_path),
+        shard.samples_ok,
+        shard.samples_failed,
+        shard.bytes,
+        shard.sha256,
+        shard.download_s,
+    ]
+    if failures_column:  # migration 0004: the shard_failures rows below, as one JSON object
+        con.execute(
+            "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, now(), ?)",
+            [*row, json.dumps(shard.failures)],
+        )
+    else:
+        con.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, now())", row)
     if shard.failures:
         con.execute(
             "INSERT INTO shard_failures SELECT $source, $shard, unnest($reasons), unnest($counts)",
@@ -338,8 +346,16 @@ def _run_record(row: tuple) -> StageRunRecord:
     )
 
 
-def _shard_select(where: str) -> str:
-    """Shard rows chosen by `where` (over `shards AS s`), with their failures aggregated for those only."""
+def _shard_select(where: str, failures_column: bool = True) -> str:
+    """Shard rows chosen by `where` (over `shards AS s`) with their failures: the shard's own column
+    (migration 0004), or before it, aggregated from shard_failures for the chosen shards only."""
+    if failures_column:
+        return f"""
+    SELECT s.source, s.shard, s.tar_path, s.samples_ok, s.samples_failed, s.failures::VARCHAR,
+           s.bytes, s.sha256, s.download_s, epoch_us(s.registered_at)
+    FROM shards AS s WHERE {where}
+    ORDER BY s.source, s.shard
+    """
     return f"""
     WITH s AS (SELECT * FROM shards AS s WHERE {where}),
     f AS (
@@ -374,6 +390,7 @@ _SUMMED_CAPFILT_BINS_SQL = (
     + " GROUP BY ALL HAVING sum(m.top1) > 0"
 )
 _SUMMARIES_VERSION = 3  # migrations/0003_per_shard_summaries.sql
+_FAILURES_COLUMN_VERSION = 4  # migrations/0004_shard_failures_json.sql
 _SUMMARY_CHUNK = 512  # sidecars per summary query
 _RUN_SELECT = """
     SELECT run_id, stage, config_hash, params, flow_run_id, status, started_at, finished_at, summary
@@ -441,8 +458,11 @@ class Catalog:
         self._read_only = read_only
         self._lock = threading.RLock()
         self._closed = False
-        # Opened with an older migrations folder (tests of upgrades): no summary tables, Parquet answers.
-        self._summaries = _schema_version(connection) >= _SUMMARIES_VERSION
+        # Opened with an older migrations folder (tests of upgrades): no summary tables, Parquet answers;
+        # no failures column in shards, shard_failures answers.
+        version = _schema_version(connection)
+        self._summaries = version >= _SUMMARIES_VERSION
+        self._failures_column = version >= _FAILURES_COLUMN_VERSION
 
     @classmethod
     def open(
@@ -584,12 +604,12 @@ class Catalog:
         verified = verify_img2dataset_shard(tar_path)  # outside the lock: other threads keep going
         with self._transaction() as con:
             self._require_source(con, source)  # no foreign keys since migration 0002: checked here
-            _write_shard(con, source, verified, self._summaries)
+            _write_shard(con, source, verified, self._summaries, self._failures_column)
         return self.shard(source, verified.shard)
 
     def shards(self, source: str | None = None) -> list[ShardRecord]:
         rows = self._fetch(
-            _shard_select("$source IS NULL OR s.source = $source"),
+            _shard_select("$source IS NULL OR s.source = $source", self._failures_column),
             source=source,
         )
         return _shard_records(rows)
@@ -620,7 +640,9 @@ class Catalog:
 
     def shard(self, source: str, shard: str) -> ShardRecord | None:
         rows = self._fetch(
-            _shard_select("s.source = $source AND s.shard = $shard"), source=source, shard=shard
+            _shard_select("s.source = $source AND s.shard = $shard", self._failures_column),
+            source=source,
+            shard=shard,
         )
         return _shard_records(rows)[0] if rows else None
 
@@ -1027,7 +1049,8 @@ class Catalog:
                 AND NOT EXISTS (
                     SELECT 1 FROM shard_stage_status AS t
                     WHERE t.stage = $stage AND t.config_hash = $config_hash
-                      AND t.source = s.source AND t.shard = s.shard AND t.status = 'done')"""
+                      AND t.source = s.source AND t.shard = s.shard AND t.status = 'done')""",
+                self._failures_column,
             ),
             stage=stage,
             config_hash=config_hash,

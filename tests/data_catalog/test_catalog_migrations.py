@@ -126,3 +126,24 @@ def test_upgrade_to_shards_without_foreign_keys_keeps_shard_rows(tmp_path, v1_di
         assert after == before
         assert catalog.delete_source("cc3m") == 1  # what the foreign keys prevented in one transaction
         assert (catalog.sources(), catalog.shards(), catalog.shard_statuses("capfilt", "h")) == ([], [], [])
+
+
+def test_upgrade_to_the_shard_failures_column_fills_it_from_shard_failures(tmp_path, shard_maker):
+    v3_dir = tmp_path / "migrations_v3"
+    v3_dir.mkdir()
+    for migration in SHIPPED[:3]:
+        shutil.copy(MIGRATIONS_DIR / migration.name, v3_dir)
+    path = tmp_path / "catalog.duckdb"
+    with Catalog.open(path, migrations_dir=v3_dir) as catalog:
+        catalog.upsert_source("cc3m", "web", "/m", 8, {})
+        shard_maker.register(catalog, "cc3m", 0)
+        shard_maker.register(catalog, "cc3m", 1, (("success", None),))
+        before = catalog.shards()
+    assert [r.failures for r in before] == [shard_maker.expected_failures(), {}]
+    with Catalog.open(path) as catalog:
+        assert catalog.schema_version == SHIPPED[-1].version >= 4
+        assert catalog.shards() == before
+        assert catalog.pending_shards("capfilt", "h") == before
+        assert catalog.failures_by_reason() == shard_maker.expected_failures()
+        shard_maker.register(catalog, "cc3m", 1)  # registered again: the column is written with it
+        assert catalog.shard("cc3m", "00001").failures == shard_maker.expected_failures()

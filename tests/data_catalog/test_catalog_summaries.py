@@ -153,7 +153,7 @@ def test_an_older_catalog_is_upgraded_and_backfilled(tmp_path, shard_maker):
         old.set_shard_status(CAPFILT_STAGE, "h1", "cc3m", "00000", "done", run)
         before = (old.sample_status_counts(), old.capfilt_score_stats())
     with Catalog.open(path) as cat:
-        assert cat.schema_version == 3
+        assert cat.schema_version == load_migrations()[-1].version >= 3
         assert (cat.sample_status_counts(), cat.capfilt_score_stats()) == before  # from Parquet still
         assert cat.backfill_summaries() == {"shards": 1, "capfilt_shards": 1}
         assert cat._shards_with_status_counts(None) == {("cc3m", "00000")}
