@@ -113,6 +113,17 @@ def url_credentials(url: str) -> list[str]:
     return found
 
 
+def no_credentials_pattern() -> str:
+    """A JSON-schema `pattern` matching the URLs `url_credentials` finds nothing in (case-insensitive by
+    letter classes: no inline flags, so JavaScript reads it too). In a flow's parameter schema it lets
+    the Prefect server refuse a deployment run with such a URL before storing its parameters."""
+    names = "|".join(
+        "".join(f"[{c}{c.upper()}]" if c.isalpha() else c for c in name)
+        for name in sorted(CREDENTIAL_QUERY_PARAMETERS)
+    )
+    return rf"^(?![^?#]*://[^/?#]*@)(?![^#]*[?&](?:{names})(?:[=&#]|$))"
+
+
 def credentials_message(url: str) -> str | None:
     """Why a URL given as a flow parameter is refused (it carries credentials), or None; never quotes
     them. The caller names the parameter (pydantic's error location)."""

@@ -42,6 +42,7 @@ from blip2_core.capfilt import (
 )
 from data_catalog import CAPFILT_STAGE, Catalog, CatalogError, PlannedShard, ShardStatusUpdate
 from data_catalog.layout import Layout
+from data_catalog.url_safety import no_credentials_pattern
 from flows.common import (
     artifact_key,
     catalog_session,
@@ -110,7 +111,9 @@ class CapFiltParams(BaseModel):
     force: bool = Field(False, description="recompute shards that are already done")
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(
-        None, description="Ray cluster to join; default: the connected one, else start a local instance"
+        None,
+        description="Ray cluster to join; default: the connected one, else start a local instance",
+        json_schema_extra={"pattern": no_credentials_pattern()},  # the server refuses credentials too
     )
     num_workers: int = Field(1, ge=1, description="ray: model-holding CPU actors when there is no GPU")
     num_gpus: int | None = Field(None, ge=0, description="ray: one actor per GPU; default every GPU")

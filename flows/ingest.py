@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from blip2_core.fileio import atomic_write_text
 from data_catalog import Catalog, CatalogError, ShardIntegrityError
 from data_catalog.layout import Layout
+from data_catalog.url_safety import no_credentials_pattern
 from flows.common import (
     artifact_key,
     catalog_session,
@@ -65,7 +66,9 @@ class IngestParams(BaseModel):
         "multicast and reserved addresses are always refused",
     )
     base_url: str | None = Field(
-        None, description="COCO/Karpathy formats: URL prefix of the image files (without credentials)"
+        None,
+        description="COCO/Karpathy formats: URL prefix of the image files (without credentials)",
+        json_schema_extra={"pattern": no_credentials_pattern()},  # the server refuses them too
     )
     splits: tuple[str, ...] | None = Field(None, description="Karpathy format: keep only these splits")
     download: DownloadOptions = Field(default_factory=DownloadOptions)

@@ -68,3 +68,31 @@ def test_cli_refuses_without_echoing_the_credential(capsys, tmp_path):
     assert code == 2 and "base_url: the URL carries credentials (query parameter 'sig')" in err
     assert SECRET not in err
     assert not home.exists()
+
+
+def _server_check(flow, parameters: dict) -> None:
+    """What the Prefect server does before it creates (and stores) a deployment's flow run."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    validate(parameters, schema, raise_on_error=True)
+
+
+@pytest.mark.parametrize("url", REFUSED.values(), ids=REFUSED.keys())
+def test_the_prefect_server_refuses_a_deployment_run_with_credentials_in_a_url(url):
+    from prefect.utilities.schema_tools.validation import ValidationError as SchemaError
+
+    from flows.capfilt import capfilt_flow
+    from flows.ingest import ingest_flow
+
+    with pytest.raises(SchemaError, match=r"params\.base_url"):
+        _server_check(ingest_flow, {"params": {"source": "coco", "base_url": url}})
+    ray_url = url.replace("https://", "ray://")
+    capfilt = {"sources": ["web"], "captioner": "c", "ranker": {"weights": "w"}, "ray_address": ray_url}
+    with pytest.raises(SchemaError, match=r"params\.ray_address"):
+        _server_check(capfilt_flow, {"params": capfilt})
+    clean = "https://images.example.org/coco/?v=2&keyword=cat"
+    _server_check(ingest_flow, {"params": {"source": "coco", "base_url": clean}})
+    _server_check(ingest_flow, {"params": {"source": "coco", "base_url": None}})
+    _server_check(capfilt_flow, {"params": {**capfilt, "ray_address": "ray://head:10001"}})
