@@ -302,6 +302,29 @@ def visual_genome_qa_records(
     return records
 
 
+def annotation_records(
+    task: Task,
+    annotations: Sequence[str | os.PathLike[str]],
+    images: Sequence[str | os.PathLike[str]],
+    questions: Sequence[str | os.PathLike[str]] = (),
+    image_pattern: str = "{image_id}.jpg",
+) -> list[Record]:
+    """Every training record of a task's annotation files, `images[i]` the image folder of file i.
+
+    caption, retrieval: COCO captions files. vqa: the first len(questions) files are VQAv2 annotations
+    (with questions[i]), the rest Visual Genome question_answers.json files.
+    """
+    records: list[Record] = []
+    for i, (ann, folder) in enumerate(zip(annotations, images, strict=True)):
+        if task != "vqa":
+            records += coco_caption_records(ann, folder)
+        elif i < len(questions):
+            records += vqa_records(questions[i], ann, folder, image_pattern)
+        else:
+            records += visual_genome_qa_records(ann, folder, image_pattern)
+    return records
+
+
 @dataclass(frozen=True)
 class RecordCollate:
     """(image tensor, Record) pairs -> the batch the task's model reads. Runs in DataLoader workers."""
@@ -392,9 +415,13 @@ class RecordData:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         self.dataset.epoch = self.epoch
+        # Starting an iterator draws a base seed; from the global generator it would shift the model's
+        # dropout masks after a resume (the global state is restored before the loader starts).
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         loader = DataLoader(
-            self.dataset, batch_sampler=self._batches(), collate_fn=self.collate, num_workers=self.num_workers
-        )
+            self.dataset, batch_sampler=self._batches(), collate_fn=self.collate,
+            num_workers=self.num_workers, generator=generator,
+        )  # fmt: skip
         for batch in loader:
             self.index += 1  # before the yield: the state counts the batch as handed out
             yield batch
