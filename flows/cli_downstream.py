@@ -21,8 +21,8 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
 
 _FINETUNE_OPTIONS = (
     "image_pattern", "image_size", "steps", "epochs", "batch_size", "lr", "min_lr", "warmup_steps",
-    "weight_decay", "prompt", "crop_scale_min", "precision", "tokenizer", "num_workers", "seed", "log_every",
-    "ckpt_every", "keep_last", "home",
+    "weight_decay", "prompt", "crop_scale_min", "precision", "tokenizer", "num_workers", "nproc", "seed",
+    "log_every", "ckpt_every", "keep_last", "run_id", "home",
 )  # fmt: skip
 
 
@@ -36,8 +36,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         fields["layer_decay"] = None
     elif args.layer_decay is not None:
         fields["layer_decay"] = args.layer_decay
-    s = finetune_flow(FinetuneParams(task=args.task, start_run=args.start_run, hflip=args.hflip, **fields))
+    s = finetune_flow(
+        FinetuneParams(
+            task=args.task, start_run=args.start_run, hflip=args.hflip, resume=not args.no_resume, **fields
+        )
+    )
     print(f"{s.stage} run {s.run_id} from {s.start_run}: step {s.step}/{s.steps}, {s.image_size} px")
+    if s.resumed_from_run:
+        print(f"  continued run {s.resumed_from_run} from step {s.start_step}")
     for name, value in sorted(s.losses.items()):
         print(f"  {name:<12} {value:.4f}")
     print(f"checkpoint {s.last_checkpoint}")
@@ -73,10 +79,13 @@ def _add_finetune_parser(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--tokenizer", type=Path, help="BERT-style tokenizer (default: the start run's lineage)")
     p.add_argument("--num-workers", type=int)
+    p.add_argument("--nproc", type=int, help="training processes: >1 launches torchrun (DDP)")
     p.add_argument("--seed", type=int)
     p.add_argument("--log-every", type=int)
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--keep-last", type=int)
+    p.add_argument("--no-resume", action="store_true", help="start over instead of continuing the same run")
+    p.add_argument("--run-id", help="continue this run (same parameters) instead of the newest")
     _add_home(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -85,7 +94,7 @@ def _add_finetune_parser(sub) -> None:
 
 _EVALUATE_OPTIONS = (
     "questions", "predictions", "checkpoint", "images", "image_pattern", "split", "dataset", "prompt",
-    "num_beams", "max_new_tokens", "k", "rerank", "batch_size", "tokenizer", "device", "home",
+    "num_beams", "max_new_tokens", "k", "rerank", "batch_size", "nproc", "tokenizer", "device", "home",
 )  # fmt: skip
 
 
@@ -127,6 +136,7 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--k", type=int, help="retrieval: ITC candidates re-ranked by ITM (default 128)")
     p.add_argument("--rerank", choices=["itm+itc", "itm"])
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--nproc", type=int, help="retrieval: processes sharing the work (torchrun ranks)")
     p.add_argument("--tokenizer", type=Path, help="BERT-style tokenizer (default: the run's lineage)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     _add_home(p)

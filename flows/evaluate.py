@@ -8,7 +8,9 @@
   in the standard format into the evaluation's run folder, and they are scored like a given file.
   VQA: the paper's prompt, beam 5, length penalty -1 (a VQA fine-tuned Q-Former also reads the
   question). Captioning: beam 5 after the run's prompt ("a photo of " once fine-tuned). Retrieval
-  (stage-1 models): ITC top-k candidates re-ranked by ITM (k = 128), recall@1/5/10 both directions.
+  (stage-1 models): ITC top-k candidates re-ranked by ITM (k = 128), recall@1/5/10 both directions;
+  with nproc > 1 split over torchrun ranks (`flows.downstream_entry`, log in the run folder), each
+  embedding its share of the images and texts and re-ranking its share of the queries.
 
 Metrics come from `blip2_core.metrics` (the official VQA normalisation and leave-one-out accuracy,
 pycocoevalcap; NoCaps per domain when the annotations carry domains). A metric that cannot run here (SPICE
@@ -94,6 +96,7 @@ class EvaluateParams(BaseModel):
     k: int = Field(128, ge=1, description="retrieval: ITC candidates re-ranked by ITM per query")
     rerank: Literal["itm+itc", "itm"] = Field("itm+itc", description="retrieval: ITM logit (+ ITC sim)")
     batch_size: int = Field(16, ge=1)
+    nproc: int = Field(1, ge=1, description="retrieval: processes (torchrun ranks) sharing the work")
     caption_metrics: tuple[str, ...] = Field(CAPTION_METRICS, description="caption: pycocoevalcap metrics")
     tokenizer: Path | None = Field(None, description="BERT-style tokenizer; default: the run's lineage")
     device: str = Field("auto", description="auto: cuda when available")
@@ -109,6 +112,8 @@ class EvaluateParams(BaseModel):
             raise ValueError("images: evaluating a checkpoint needs the image folder")
         if self.checkpoint is not None and self.task == "vqa" and self.questions is None:
             raise ValueError("questions: evaluating a VQA checkpoint needs the questions file")
+        if self.nproc > 1 and self.task != "retrieval":
+            raise ValueError(f"nproc: only retrieval runs on several processes, not {self.task}")
         return self
 
 
@@ -175,19 +180,9 @@ def resolve_checkpoint(ref: str, layout: Layout) -> ModelRef:
 
 def load_model(ref: ModelRef, scratch: Path, device: str = "auto"):
     """The model of a ModelRef, in eval mode on `device` (a HF folder is imported into `scratch` first)."""
-    import torch
+    from flows.downstream_entry import load_eval_model
 
-    from blip2_core.hf_interop import import_hf, load_imported, load_trained
-
-    if ref.kind == "hf":
-        model = load_imported(import_hf(ref.path, scratch / "imported"))
-    elif ref.kind == "imported":
-        model = load_imported(ref.path)
-    else:
-        model = load_trained(ref.path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    return load_eval_model(ref.path, ref.kind, scratch, device)
 
 
 def model_tokenizer(ref: ModelRef, given: Path | None, max_len: int, required: bool):
@@ -277,17 +272,52 @@ def predict_answers(model, params: EvaluateParams, tokenize) -> list[dict]:
     return [{"question_id": q, "answer": a} for q, a in zip(qids, answers, strict=True)]
 
 
-def retrieval_metrics(model, params: EvaluateParams, tokenize) -> tuple[dict[str, float], int]:
-    from blip2_core.inference import retrieval_scores
-    from blip2_core.metrics import load_retrieval_gt, recall_at_k
+def retrieval_metrics(params: EvaluateParams, recalls) -> tuple[dict[str, float], int]:
+    """Recall@K by LAVIS's names, from `recalls(image files, ground truth)`: the (re-ranked, ITC-only)
+    `RetrievalScores` of a model (`inference.RetrievalOutput.recalls`)."""
+    from blip2_core.metrics import load_retrieval_gt
 
     gt = load_retrieval_gt(params.annotations, params.split)
     paths = _retrieval_image_files(params.annotations, Path(params.images), gt.image_keys)
-    out = retrieval_scores(model, paths, list(gt.texts), tokenize, params.k, params.batch_size, params.rerank)
-    reranked = recall_at_k(out.scores_i2t, gt.img2txt, gt.txt2img, sim_t2i=out.scores_t2i)
-    itc_only = recall_at_k(out.sim_i2t, gt.img2txt, gt.txt2img)
+    reranked, itc_only = recalls(paths, gt)
     metrics = _recall_names(reranked) | {f"itc_{k}": v for k, v in _recall_names(itc_only).items()}
     return metrics, len(gt.image_keys) + len(gt.texts)
+
+
+def retrieval_in_process(model, params: EvaluateParams, tokenize) -> tuple[dict[str, float], int]:
+    from blip2_core.inference import retrieval_scores
+
+    def recalls(paths: list[str], gt):
+        k, batch, mode = params.k, params.batch_size, params.rerank
+        out = retrieval_scores(model, paths, list(gt.texts), tokenize, k, batch, mode)
+        return out.recalls(gt.img2txt, gt.txt2img)
+
+    return retrieval_metrics(params, recalls)
+
+
+def retrieval_with_torchrun(ref: ModelRef, params: EvaluateParams, run_dir: Path) -> dict[str, Any]:
+    """Retrieval over `params.nproc` torchrun ranks (flows.downstream_entry), which score the images and
+    texts and, on rank 0, write the recalls to <run_dir>/retrieval_recalls.json: metrics, n, preset, model."""
+    from flows.downstream_entry import read_recalls
+    from flows.train import train_with_torchrun
+
+    tokenizer = model_tokenizer(ref, params.tokenizer, 1, required=True).folder
+    saved: dict[str, Any] = {}
+
+    def recalls(paths: list[str], gt):
+        job = {
+            "kind": "retrieval", "checkpoint": str(ref.path), "checkpoint_kind": ref.kind,
+            "tokenizer": tokenizer, "images": paths, "texts": list(gt.texts), "img2txt": gt.img2txt,
+            "txt2img": gt.txt2img, "k": params.k, "batch_size": params.batch_size, "rerank": params.rerank,
+            "device": params.device, "out": str(run_dir / "retrieval_recalls.json"),
+        }  # fmt: skip
+        atomic_write_text(run_dir / "retrieval_job.json", json.dumps(job, indent=1))
+        train_with_torchrun(str(run_dir / "retrieval_job.json"), params.nproc, "flows.downstream_entry")
+        saved.update(json.loads(Path(job["out"]).read_text()))
+        return read_recalls(saved)
+
+    metrics, n = retrieval_metrics(params, recalls)
+    return {"metrics": metrics, "n": n, "unavailable": {}, "preset": saved["preset"], "model": saved["model"]}
 
 
 def _recall_names(scores) -> dict[str, float]:
@@ -357,6 +387,8 @@ def _evaluate(params: EvaluateParams, layout: Layout, run_dir: Path) -> dict[str
     if params.checkpoint is not None:
         ref = resolve_checkpoint(params.checkpoint, layout)
         out |= {"checkpoint": str(ref.path), "model_run": ref.run_id}
+        if params.task == "retrieval" and params.nproc > 1:
+            return out | retrieval_with_torchrun(ref, params, run_dir)
         with tempfile.TemporaryDirectory(prefix="blip2-eval-") as scratch:
             model = load_model(ref, Path(scratch), params.device)
             out |= {"preset": model.cfg.name, "model": model.cfg.vision.model_name}
@@ -367,7 +399,7 @@ def _evaluate(params: EvaluateParams, layout: Layout, run_dir: Path) -> dict[str
             if params.task == "retrieval":
                 if not hasattr(model, "itm_logits"):
                     raise ValueError(f"checkpoint {ref.path} is not a stage-1 (retrieval) model")
-                out["metrics"], out["n"] = retrieval_metrics(model, params, tokenize)
+                out["metrics"], out["n"] = retrieval_in_process(model, params, tokenize)
                 out["unavailable"] = {}
                 return out
             if not hasattr(model, "bridge"):

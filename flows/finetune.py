@@ -12,9 +12,17 @@
      missing file or image.
   3. Start a catalog run (stage `finetune-<task>`), write config.json, blip2_config.json (the fine-tuned
      model's config, image size included, where evaluation and export look for it) and job.json.
-  4. Train in this process with `blip2_core.train.train` (the one training loop), layer-wise lr decay on
-     the image tower; rank 0's metrics.jsonl is tailed into the catalog as the pretraining flows do.
+  4. Train with `blip2_core.train.train` (the one training loop), layer-wise lr decay on the image
+     tower: in this process when nproc == 1, else `torchrun --nproc_per_node N -m flows.downstream_entry
+     job.json` (DDP; gloo on CPU, nccl on GPU; `batch_size` is the global batch, split over the ranks),
+     launched and streamed to <run_dir>/log as the pretraining flows do. Either way rank 0's metrics.jsonl
+     is tailed into the catalog.
   5. Finish the run with a summary; the checkpoints are recorded in the catalog.
+
+Resuming (`resume`, as stage 1/2 do): the parameters hash to the run's config hash; a new flow run with
+the same hash continues the newest such run that left a checkpoint (or the `run_id` given): its latest
+checkpoint is hard-linked into the new run's folder, where the trainer resumes it (weights, optimizer,
+schedule, data position, RNG), and a run still 'running' whose process is gone is closed as failed.
 
 On the synthetic corpus (`data_catalog.synth`, folder C, corpus.json "files"):
     caption:   annotations=(C/coco/annotations/captions_train.json,), images=(C,)
@@ -23,9 +31,6 @@ On the synthetic corpus (`data_catalog.synth`, folder C, corpus.json "files"):
                questions=(C/vqa/v2_OpenEnded_synth_train_questions.json,),
                images=(C/images/vqa_train,), image_pattern="{image_id:07d}.jpg"
     with image_size=64 (or 72, 80: interpolated) for the tiny preset, whose tower is 64 px.
-
-Not done: multi-process (torchrun) fine-tuning and resuming a killed fine-tuning run (a re-run starts a
-new run from the start checkpoint).
 """
 
 from __future__ import annotations
@@ -45,7 +50,18 @@ from blip2_core.hf_interop import RUN_CONFIG_FILE
 from data_catalog import Catalog
 from data_catalog.layout import Layout
 from flows.common import catalog_session, flow_run_id, layout_for, source_lock
-from flows.train import _log_to_file, _precision, _Reporter, config_hash, latest_recorded_checkpoint, watch
+from flows.train import (
+    _log_to_file,
+    _precision,
+    _Reporter,
+    close_stale_run,
+    config_hash,
+    find_previous,
+    latest_recorded_checkpoint,
+    seed_checkpoint,
+    train_with_torchrun,
+    watch,
+)
 
 PAPER_BATCH = {"caption": 256, "vqa": 128, "retrieval": 224}
 START_STAGES = {"caption": ("stage2",), "vqa": ("stage2",), "retrieval": ("stage1",)}
@@ -101,11 +117,14 @@ class FinetuneParams(BaseModel):
     crop_scale_min: float = Field(0.5, gt=0, le=1, description="random resized crop scale (min, 1.0)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tokenizer: Path | None = Field(None, description="BERT-style tokenizer; default: the start run's lineage")
-    num_workers: int = Field(2, ge=0, description="DataLoader processes")
+    num_workers: int = Field(2, ge=0, description="DataLoader processes per training process")
+    nproc: int = Field(1, ge=1, description="training processes (1: in the flow process; >1: torchrun)")
     seed: int = 0
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(1000, ge=1, description="steps between checkpoints (the last step always)")
     keep_last: int | None = Field(2, ge=1)
+    resume: bool = Field(True, description="continue the newest run with the same config hash")
+    run_id: str | None = Field(None, description="continue this run (same config hash) instead")
     home: Path | None = Field(None, description="data root; default $BLIP2_HOME or ./var")
 
     @model_validator(mode="after")
@@ -133,7 +152,10 @@ class FinetuneSummary(BaseModel):
     image_size: int
     records: int  # training examples (or shard samples)
     steps: int
-    step: int
+    step: int  # reached, counting the steps of the run it continued
+    start_step: int = 0  # where this run began (0, or the continued checkpoint's step)
+    resumed_from: str | None = None  # the checkpoint this run started from (in its own folder)
+    resumed_from_run: str | None = None
     loss: float | None
     losses: dict[str, float]
     samples_per_s: float | None
@@ -215,20 +237,13 @@ def _folders(params: FinetuneParams) -> list[Path]:
 
 def read_records(params: FinetuneParams) -> list:
     """Every training record of the annotation files (raises naming the bad file or image)."""
-    from blip2_core.finetune import coco_caption_records, visual_genome_qa_records, vqa_records
+    from blip2_core.finetune import annotation_records
 
     if not params.images:
         raise ValueError("images: give the image folder of the annotations files")
-    records = []
-    folders = _folders(params)
-    for i, (ann, folder) in enumerate(zip(params.annotations, folders, strict=True)):
-        ann = Path(ann).resolve()
-        if params.task != "vqa":
-            records += coco_caption_records(ann, folder)
-        elif i < len(params.questions):
-            records += vqa_records(Path(params.questions[i]).resolve(), ann, folder, params.image_pattern)
-        else:
-            records += visual_genome_qa_records(ann, folder, params.image_pattern)
+    annotations = [Path(a).resolve() for a in params.annotations]
+    questions = [Path(q).resolve() for q in params.questions]
+    records = annotation_records(params.task, annotations, _folders(params), questions, params.image_pattern)
     if not records:
         raise ValueError(f"annotations {list(map(str, params.annotations))} hold no training examples")
     return records
@@ -262,6 +277,8 @@ def plan(params: FinetuneParams, start: dict, n_records: int, shards: list[str])
     if params.task == "caption":
         raw["llm"]["prompt"] = params.prompt  # generation after fine-tuning uses the same prompt by default
     batch = params.batch_size or PAPER_BATCH[params.task]
+    if batch % params.nproc:
+        raise ValueError(f"batch_size {batch} must be a multiple of nproc {params.nproc}")
     batches = n_records // batch
     if batches < 1:
         raise ValueError(f"batch_size {batch} is larger than the {n_records} training examples")
@@ -275,6 +292,7 @@ def plan(params: FinetuneParams, start: dict, n_records: int, shards: list[str])
         "keep_last": params.keep_last,
     }  # fmt: skip
     return {
+        "kind": "finetune",  # flows.downstream_entry runs it
         "task": params.task,
         "config": raw,
         "start_checkpoint": start["checkpoint"],
@@ -285,7 +303,8 @@ def plan(params: FinetuneParams, start: dict, n_records: int, shards: list[str])
         "images": [str(f) for f in _folders(params)] if params.annotations else [],
         "image_pattern": params.image_pattern,
         "shards": shards,
-        "batch_size": batch,
+        "batch_size": batch // params.nproc,  # per rank
+        "world_size": params.nproc,
         "layer_decay": params.layer_decay,
         "hflip": params.hflip,
         "crop_scale_min": params.crop_scale_min,
@@ -298,61 +317,11 @@ def plan(params: FinetuneParams, start: dict, n_records: int, shards: list[str])
 # --- training ---------------------------------------------------------------------------------------
 
 
-def build_data(job: dict, cfg: Blip2Config):
-    """The job's DataSource: records from annotation files, or shards (caption)."""
-    from blip2_core.data import AugmentConfig, Collate, LoaderConfig, ShardData, SourceSpec
-    from blip2_core.finetune import RecordCollate, RecordData
-    from flows.torchrun_entry import BertTokenize
-
-    augment = AugmentConfig(
-        image_size=cfg.vision.image_size, scale=(job["crop_scale_min"], 1.0), hflip=job["hflip"]
-    )
-    if job["shards"]:
-        loader = LoaderConfig(batch_size=job["batch_size"], seed=job["seed"], num_workers=job["num_workers"])
-        spec = SourceSpec("finetune", [Path(p) for p in job["shards"]])
-        return ShardData([spec], loader, augment, Collate(text_key="captions"))
-    tokenize = BertTokenize(job["tokenizer"], cfg.qformer.max_text_len) if job["tokenizer"] else None
-    params = FinetuneParams(
-        task=job["task"], start_run="-", annotations=tuple(map(Path, job["annotations"])),
-        questions=tuple(map(Path, job["questions"])), images=tuple(map(Path, job["images"])),
-        image_pattern=job["image_pattern"],
-    )  # fmt: skip
-    collate = RecordCollate(job["task"], prompt=cfg.llm.prompt, tokenize=tokenize)
-    return RecordData(
-        read_records(params), job["batch_size"], augment, collate, seed=job["seed"],
-        num_workers=job["num_workers"],
-    )  # fmt: skip
-
-
-def run_finetune_job(job_path: str) -> dict:
-    """Build the model from the start checkpoint(s) and train it; rank 0 reports through metrics.jsonl."""
-    import torch
-
-    from blip2_core import train as T
-    from blip2_core.finetune import build_finetune_model, finetune_param_groups, load_start_weights
-    from flows.torchrun_entry import JsonlEvents
-
-    job = json.loads(Path(job_path).read_text())
-    run_dir = Path(job_path).parent
-    cfg = config_from_dict(job["config"], source=job_path)
-    torch.manual_seed(job["seed"])
-    model = build_finetune_model(job["task"], cfg)
-    load_start_weights(model, job["start_files"])
-    data = build_data(job, cfg)
-    train = dict(job["train"]) | {"betas": tuple(job["train"]["betas"])}
-    groups = finetune_param_groups(model, train["weight_decay"], job["layer_decay"])
-    events = JsonlEvents(run_dir / "metrics.jsonl")
-    result = T.train(model, data, T.TrainConfig(out_dir=str(run_dir), **train), callbacks=[events],
-                     param_groups=groups)  # fmt: skip
-    last = None if result.last_checkpoint is None else str(result.last_checkpoint)
-    event = {"event": "result", "step": result.step, "loss": result.loss, "last_checkpoint": last}
-    events.write(event)
-    return event
-
-
 @task(name="finetune-in-process", cache_policy=NO_CACHE)
 def finetune_in_process(job_path: str) -> dict:
     """The trainer in the flow process (CPU or one GPU); its log lines go to <run_dir>/log."""
+    from flows.downstream_entry import run_finetune_job
+
     with _log_to_file(Path(job_path).parent / "log"):
         return run_finetune_job(job_path)
 
@@ -372,11 +341,13 @@ def finetune_flow(params: FinetuneParams) -> FinetuneSummary:
     job = plan(params, start, n_records, shards)
     chash = config_hash(job)
     with catalog_session(layout) as cat:
-        run_id = cat.start_run(stage, chash, params.model_dump(mode="json"), flow_run_id())
+        previous = find_previous(cat, layout, stage, chash, params)
+        run_params = params.model_dump(mode="json") | {"resumes": previous[0] if previous else None}
+        run_id = cat.start_run(stage, chash, run_params, flow_run_id())
     run_dir = layout.run_dir(stage, run_id)
     try:
         with source_lock(run_dir):
-            return _finetune_run(params, layout, stage, run_id, run_dir, job, chash, n_records)
+            return _finetune_run(params, layout, stage, run_id, run_dir, job, chash, n_records, previous)
     except BaseException as err:
         status = "cancelled" if isinstance(err, KeyboardInterrupt) else "failed"
         with catalog_session(layout) as cat:
@@ -385,28 +356,49 @@ def finetune_flow(params: FinetuneParams) -> FinetuneSummary:
         raise
 
 
-def _finetune_run(params, layout, stage, run_id, run_dir, job, chash, n_records) -> FinetuneSummary:
+def _continue(layout: Layout, stage: str, run_id: str, run_dir: Path, previous: tuple[str, Path]) -> Path:
+    """Close the earlier run if it was killed, and seed its latest checkpoint into this run's folder."""
+    with catalog_session(layout) as cat:
+        close_stale_run(cat, layout, stage, previous[0], run_id)
+    resumed_from = seed_checkpoint(previous[1], run_dir)
+    with catalog_session(layout) as cat:
+        cat.record_checkpoint(run_id, int(resumed_from.name.removeprefix("step-")), str(resumed_from))
+    get_run_logger().info("%s %s continues run %s from %s", stage, run_id, previous[0], previous[1])
+    return resumed_from
+
+
+def _finetune_run(params, layout, stage, run_id, run_dir, job, chash, n_records, previous) -> FinetuneSummary:
     logger = get_run_logger()
     steps = job["train"]["steps"]
+    resumed_from = None if previous is None else _continue(layout, stage, run_id, run_dir, previous)
+    start = 0 if resumed_from is None else int(resumed_from.name.removeprefix("step-"))
     atomic_write_text(run_dir / JOB_FILE, json.dumps(job, indent=1, sort_keys=True))
     record = {"stage": stage, "run_id": run_id, "config_hash": chash, "job": job}
     record["params"] = params.model_dump(mode="json")
     atomic_write_text(run_dir / "config.json", json.dumps(record, indent=1, sort_keys=True))
     atomic_write_text(run_dir / RUN_CONFIG_FILE, json.dumps(job["config"], indent=1))
     logger.info(
-        "%s run %s from %s: %d step(s), batch %d, %d px, %d examples, folder %s",
-        *(stage, run_id, job["start_checkpoint"], steps, job["batch_size"]),
+        "%s run %s from %s: %d step(s) from %d, %d process(es), batch %d per process, %d px, %d examples, "
+        "folder %s",
+        *(stage, run_id, job["start_checkpoint"], steps, start, params.nproc, job["batch_size"]),
         *(job["config"]["vision"]["image_size"], n_records, run_dir),
     )  # fmt: skip
-    reporter = _Reporter(layout, run_id, run_dir, 0, steps, stage)
-    watch(finetune_in_process.submit(str(run_dir / JOB_FILE)), reporter)
+    reporter = _Reporter(layout, run_id, run_dir, start, steps, stage)
+    job_path = str(run_dir / JOB_FILE)
+    if params.nproc == 1:
+        future = finetune_in_process.submit(job_path)
+    else:
+        future = train_with_torchrun.submit(job_path, params.nproc, "flows.downstream_entry")
+    watch(future, reporter)
     result = reporter.result or {}
     speeds = [s for s in reporter.speeds if s > 0]
     summary = FinetuneSummary(
         run_id=run_id, task=params.task, stage=stage, config_hash=chash, run_dir=run_dir,
         start_run=params.start_run, start_checkpoint=job["start_checkpoint"],
         image_size=job["config"]["vision"]["image_size"], records=n_records, steps=steps,
-        step=int(result.get("step", 0)), loss=result.get("loss"),
+        step=int(result.get("step", start)), start_step=start, loss=result.get("loss"),
+        resumed_from=None if resumed_from is None else str(resumed_from),
+        resumed_from_run=None if previous is None else previous[0],
         losses={k: v for k, v in reporter.last_metrics.items() if k == "loss" or k.startswith("loss_")},
         samples_per_s=sum(speeds) / len(speeds) if speeds else None,
         last_checkpoint=result.get("last_checkpoint") or reporter.last_checkpoint,

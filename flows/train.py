@@ -502,11 +502,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(job_path: str, nproc: int, port: int) -> list[str]:
+def torchrun_command(job_path: str, nproc: int, port: int, module: str = "flows.torchrun_entry") -> list[str]:
+    """`module` runs on every rank with the job file: flows.torchrun_entry (pretraining) or
+    flows.downstream_entry (fine-tuning, retrieval evaluation)."""
     return [
         sys.executable, "-m", "torch.distributed.run",  # the `torchrun` of this interpreter
         "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
-        "-m", "flows.torchrun_entry", job_path,
+        "-m", module, job_path,
     ]  # fmt: skip
 
 
@@ -521,13 +523,13 @@ def _kill_with_parent() -> None:
 
 
 @task(name="train-torchrun", cache_policy=NO_CACHE)
-def train_with_torchrun(job_path: str, nproc: int) -> None:
+def train_with_torchrun(job_path: str, nproc: int, module: str = "flows.torchrun_entry") -> None:
     """nproc ranks under torchrun; stdout and stderr of all ranks go to <run_dir>/log."""
     log_path = Path(job_path).parent / _LOG_FILE
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            torchrun_command(job_path, nproc, free_port()),
+            torchrun_command(job_path, nproc, free_port(), module),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
