@@ -406,6 +406,9 @@ def blip_captioner_config(
         "num_attention_heads": hp.vision_heads,
         "image_size": image_size,
         "patch_size": hp.patch_size,
+        # BlipVisionConfig's default initializer_range is 1e-10 (meant for loading pretrained weights):
+        # a ViT trained from it starts with every weight ~0 and hardly leaves that point in 400 steps.
+        "initializer_range": 0.02,
     }
     text = {
         "vocab_size": len(tokenizer),
