@@ -351,8 +351,8 @@ def _shard_select(where: str, failures_column: bool = True) -> str:
     (migration 0004), or before it, aggregated from shard_failures for the chosen shards only."""
     if failures_column:
         return f"""
-    SELECT s.source, s.shard, s.tar_path, s.samples_ok, s.samples_failed, s.failures::VARCHAR,
-           s.bytes, s.sha256, s.download_s, epoch_us(s.registered_at)
+    SELECT s.source, s.shard, s.tar_path, s.samples_ok, s.samples_failed,
+           coalesce(s.failures, '{{}}')::VARCHAR, s.bytes, s.sha256, s.download_s, epoch_us(s.registered_at)
     FROM shards AS s WHERE {where}
     ORDER BY s.source, s.shard
     """
