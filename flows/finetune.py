@@ -290,6 +290,8 @@ def plan(params: FinetuneParams, start: dict, n_records: int, shards: list[str])
         "betas": [0.9, 0.999], "weight_decay": params.weight_decay, "precision": _precision(params.precision),
         "seed": params.seed, "log_every": params.log_every, "ckpt_every": params.ckpt_every,
         "keep_last": params.keep_last,
+        # DDP: VQA keeps the Q-Former's text branch, whose LM head the answer loss never reaches.
+        "find_unused_parameters": params.task == "vqa",
     }  # fmt: skip
     return {
         "kind": "finetune",  # flows.downstream_entry runs it
