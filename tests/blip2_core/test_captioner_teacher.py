@@ -28,3 +28,21 @@ def test_captioner_vision_tower_starts_from_a_random_init_not_zeros(captioner):
         assert 0.01 < weight.std().item() < 0.05
     text_weight = captioner.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight
     assert 0.01 < text_weight.std().item() < 0.05
+
+
+@pytest.mark.parametrize(
+    ("caption", "mirrored"),
+    [
+        (
+            "a red circle on the left and a blue star on the right",
+            "a red circle on the right and a blue star on the left",
+        ),
+        (
+            "two small stars at the top on a white background",
+            "two small stars at the top on a white background",
+        ),
+        ("a large green square in the center", "a large green square in the center"),
+    ],
+)
+def test_mirror_caption_swaps_left_and_right_only(caption, mirrored):
+    assert T.mirror_caption(caption) == mirrored
