@@ -1,0 +1,69 @@
+"""The OPT teacher is conditionable: trained at random position offsets it reads a caption as well 8
+positions on (where stage 2's query slots put it) as at 0, and it also trains on pairs of references of
+one image, so that a prefix about the scene predicts the caption."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+from blip2_core import teachers as T
+from blip2_core.llm_bridge import lm_loss, pad_right
+
+COLOURS = ["red", "green", "blue", "yellow"]
+SHAPES = ["circle", "square", "triangle"]
+
+
+def _data() -> T.TeacherData:
+    """12 scenes with 3 references each and a few QA texts; no images (OPT reads only text)."""
+    scenes = list(itertools.product(COLOURS, SHAPES))
+    refs = [[f"a {c} {s}", f"a {s} that is {c}", f"one {c} {s} on grey"] for c, s in scenes]
+    qa = [(f"what colour is the {s}?", c) for c, s in scenes[:6]]
+    return T.TeacherData(images=[], references=refs, qa=qa)
+
+
+def test_position_ids_count_up_from_a_random_offset_that_fits():
+    g = torch.Generator().manual_seed(0)
+    pos = T.opt_position_ids(64, 10, 24, g)  # (B, T)
+    offsets = pos[:, :1]
+    assert torch.equal(pos - offsets, torch.arange(10).expand(64, 10))
+    assert offsets.min() >= 0 and offsets.max() <= 24 - 10 and len(offsets.unique()) > 5
+    assert T.opt_position_ids(3, 30, 24, g).max() == 29  # longer than the table: no offset
+
+
+def test_rows_add_pairs_of_references_of_one_image():
+    data = _data()
+    hp = T.LMTeacherConfig(reference_pairs=2)
+    tokenizer = T.train_bpe(data.texts, 300, "opt")
+    rows = T.opt_rows(data, tokenizer, hp, seed=0)
+    assert len(rows) == len(data.texts) + 2 * len(data.references)
+    for i, row in enumerate(rows[len(data.texts) :]):
+        a, b, rest = tokenizer.decode(row, skip_special_tokens=True).split("\n")
+        refs = data.references[i // 2]
+        assert a in refs and b in refs and a != b and rest == ""
+    assert len(T.opt_rows(data, tokenizer, dataclasses.replace(hp, reference_pairs=0), 0)) == len(data.texts)
+
+
+def _caption_loss(model, rows: list[list[int]], pad_id: int, offset: int) -> float:
+    ids, mask = pad_right(rows, pad_id)  # (B, T)
+    positions = torch.arange(ids.shape[1]).expand_as(ids) + offset
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    return lm_loss(logits, ids.masked_fill(mask == 0, -100)).item()
+
+
+def test_trained_teacher_reads_captions_as_well_at_offset_8_as_at_0(tmp_path):
+    from transformers import AutoTokenizer, OPTForCausalLM
+
+    torch.set_num_threads(1)
+    data = _data()
+    hp = T.LMTeacherConfig(hidden_size=32, ffn_dim=64, steps=150, batch_size=16, warmup_steps=10)
+    run = T.train_opt(data, tmp_path, T.TeacherConfig(opt=hp, log_every=50))
+    model = OPTForCausalLM.from_pretrained(run.path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run.path)
+    rows = [tokenizer(c + T.OPT_EOS_TEXT).input_ids for c in data.captions]
+    at = {k: _caption_loss(model, rows, tokenizer.pad_token_id, k) for k in (0, 8)}
+    assert run.losses[-1] < 0.5 * run.losses[0]
+    assert abs(at[8] - at[0]) < 0.05, at
