@@ -28,7 +28,7 @@ import torch
 
 from blip2_core import train as T
 from blip2_core.config import Blip2Config, config_from_dict
-from flows.torchrun_entry import METRICS_FILE, BertTokenize, JsonlEvents
+from flows.torchrun_entry import METRICS_FILE, BertTokenize, JsonlEvents, rank_job_file
 
 log = logging.getLogger("blip2_core.downstream_entry")
 
@@ -173,22 +173,16 @@ RUNNERS = {"finetune": run_finetune_job, "retrieval": run_retrieval_job}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m flows.downstream_entry <job file>", file=sys.stderr)
+    job_file = rank_job_file(argv, "python -m flows.downstream_entry <job file>")
+    if job_file is None:
         return 2
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s",
-        stream=sys.stdout,
-    )
-    kind = json.loads(Path(args[0]).read_text()).get("kind")
+    kind = json.loads(Path(job_file).read_text()).get("kind")
     if kind not in RUNNERS:
-        print(f"{args[0]}: job kind {kind!r} is not one of {sorted(RUNNERS)}", file=sys.stderr)
+        print(f"{job_file}: job kind {kind!r} is not one of {sorted(RUNNERS)}", file=sys.stderr)
         return 2
-    log.info("rank %s of %s starts a %s job (%s)", rank, os.environ.get("WORLD_SIZE", "1"), kind, args[0])
-    RUNNERS[kind](args[0])
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    log.info("rank %s of %s starts a %s job (%s)", rank, world, kind, job_file)
+    RUNNERS[kind](job_file)
     return 0
 
 

@@ -230,18 +230,27 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def rank_job_file(argv: list[str] | None, usage: str) -> str | None:
+    """The one argument of a rank's command line (None after printing `usage`); logs go to stdout
+    tagged with the rank, where the launcher's log file collects every rank."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m flows.torchrun_entry <run_dir>/job.json", file=sys.stderr)
-        return 2
-    rank = os.environ.get("RANK", "0")
+        print(f"usage: {usage}", file=sys.stderr)
+        return None
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s",
+        format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(name)s %(levelname)s %(message)s",
         stream=sys.stdout,
     )
-    job = TrainJob.read(args[0])
+    return args[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    job_file = rank_job_file(argv, "python -m flows.torchrun_entry <run_dir>/job.json")
+    if job_file is None:
+        return 2
+    rank = os.environ.get("RANK", "0")
+    job = TrainJob.read(job_file)
     log.info("rank %s of %s starts %s (%s)", rank, os.environ.get("WORLD_SIZE", "1"), job.stage, job.run_dir)
     run_job(job)
     return 0
