@@ -59,7 +59,15 @@ def test_trained_teacher_reads_captions_as_well_at_offset_8_as_at_0(tmp_path):
 
     torch.set_num_threads(1)
     data = _data()
-    hp = T.LMTeacherConfig(hidden_size=32, ffn_dim=64, steps=150, batch_size=16, warmup_steps=10)
+    hp = T.LMTeacherConfig(
+        hidden_size=32,
+        ffn_dim=64,
+        steps=150,
+        batch_size=16,
+        warmup_steps=10,
+        position_offsets=True,
+        reference_pairs=2,
+    )
     run = T.train_opt(data, tmp_path, T.TeacherConfig(opt=hp, log_every=50))
     model = OPTForCausalLM.from_pretrained(run.path).eval()
     tokenizer = AutoTokenizer.from_pretrained(run.path)
