@@ -233,6 +233,7 @@ def cmd_corpus_synth(args: argparse.Namespace) -> int:
         n_coco=args.n_coco,
         n_vqa_images=args.n_vqa_images,
         n_retrieval=args.n_retrieval,
+        n_teacher=args.n_teacher,
         image_size=args.image_size,
     )
     info = synthesize(args.out, cfg)
@@ -491,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-coco", type=int, default=1000)
     c.add_argument("--n-vqa-images", type=int, default=1000)
     c.add_argument("--n-retrieval", type=int, default=1000)
+    c.add_argument("--n-teacher", type=int, default=0, help="clean captioned images for the teachers only")
     c.add_argument("--image-size", type=int, default=128)
     c.set_defaults(func=cmd_corpus_synth)
 

@@ -42,6 +42,9 @@ class CorpusIngestParams(BaseModel):
     n_coco: int = Field(600, ge=10)
     n_vqa_images: int = Field(400, ge=10)
     n_retrieval: int = Field(500, ge=10)
+    n_teacher: int = Field(
+        4000, ge=0, description="clean captioned images the teachers (stand-in pretrained models) learn from"
+    )
     image_size: int = Field(96, ge=16, description="stored image side; the tiny preset crops 64 px from it")
     samples_per_shard: int = Field(1000, ge=10)
     image_sets: tuple[str, ...] | None = Field(
@@ -67,6 +70,7 @@ def synthesize_corpus(params: CorpusIngestParams, corpus_dir: str) -> dict[str, 
         n_coco=params.n_coco,
         n_vqa_images=params.n_vqa_images,
         n_retrieval=params.n_retrieval,
+        n_teacher=params.n_teacher,
     )
     root = Path(corpus_dir)
     if (root / "corpus.json").exists():

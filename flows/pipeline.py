@@ -61,6 +61,7 @@ class PipelineParams(BaseModel):
     n_coco: int = Field(600, ge=10)
     n_vqa_images: int = Field(400, ge=10)
     n_retrieval: int = Field(300, ge=10)
+    n_teacher: int = Field(4000, ge=0, description="clean captioned images for the teachers only")
     stage1_steps: int = Field(400, ge=1)
     stage2_steps: int = Field(400, ge=1)
     finetune_steps: int = Field(150, ge=1)
@@ -237,6 +238,7 @@ def _ingest(pl: _Pipeline) -> None:
         n_coco=pl.p.n_coco,
         n_vqa_images=pl.p.n_vqa_images,
         n_retrieval=pl.p.n_retrieval,
+        n_teacher=pl.p.n_teacher,
     )
     summaries = pl.timed("ingest", corpus_ingest_flow, p)
     for source, s in summaries.items():

@@ -9,6 +9,9 @@
       coco/annotations/captions_<split>.json   COCO caption annotations per split (5 references)
       vqa/v2_OpenEnded_synth_<split>_questions.json, vqa/v2_synth_<split>_annotations.json
       retrieval/captions_test.json             the retrieval test split (COCO format)
+      teacher/captions_train.json              clean captions (COCO format) of the `teacher_train` set:
+                                               what the off-the-shelf models of the miniature replication
+                                               learn from, as the real ones learned from their own data
 
 Every image is drawn from its own generator, seeded by (seed, set, index), so a corpus is a pure
 function of its config. The corpus is built in a staging folder and moved into place whole.
@@ -54,6 +57,9 @@ class SynthConfig:
     n_coco: int = 1_000
     n_vqa_images: int = 1_000
     n_retrieval: int = 1_000
+    # Clean captioned images for the teachers only (the captioner, CLIP and LLMs stand-ins). A captioner
+    # trained on a few hundred images memorises them by their colours instead of learning shapes.
+    n_teacher: int = 0
     image_size: int = 128
     jpeg_quality: int = 90
     max_shapes: int = 3
@@ -66,7 +72,7 @@ class SynthConfig:
     answer_noise: float = 0.1  # chance that one of the ten annotators answers wrongly
 
     def __post_init__(self) -> None:
-        for name in ("n_pretrain", "n_coco", "n_vqa_images", "n_retrieval"):
+        for name in ("n_pretrain", "n_coco", "n_vqa_images", "n_retrieval", "n_teacher"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SynthConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 16 <= self.image_size <= 4096:
@@ -130,6 +136,7 @@ def image_sets(cfg: SynthConfig) -> dict[str, int]:
         "vqa_train": cfg.n_vqa_images - vqa_val,
         "vqa_val": vqa_val,
         "retrieval_test": cfg.n_retrieval,
+        "teacher_train": cfg.n_teacher,
     }
 
 
@@ -276,6 +283,10 @@ def _write_sets(root: Path, cfg: SynthConfig, items: dict[str, list[Item]]) -> d
     _write_json(
         root / files["retrieval_test"],
         coco_captions(items["retrieval_test"], cfg, "synthetic retrieval test"),
+    )
+    files["teacher_captions"] = "teacher/captions_train.json"
+    _write_json(
+        root / files["teacher_captions"], coco_captions(items["teacher_train"], cfg, "synthetic teacher set")
     )
     return files
 

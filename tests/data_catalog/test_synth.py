@@ -19,8 +19,8 @@ from data_catalog.synth import FaultSpec, SynthConfig, load_corpus, synthesize, 
 from data_catalog.synth.captions import COLOURS, POSITIONS, WHERE, Detail, describe, groups, wrong_caption
 from data_catalog.synth.scenes import sample_scene
 
-SMALL = SynthConfig(seed=3, n_pretrain=40, n_coco=20, n_vqa_images=20, n_retrieval=10, image_size=48,
-                    caption_shares=(0.5, 0.3, 0.2))  # fmt: skip
+SMALL = SynthConfig(seed=3, n_pretrain=40, n_coco=20, n_vqa_images=20, n_retrieval=10, n_teacher=6,
+                    image_size=48, caption_shares=(0.5, 0.3, 0.2))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def test_same_seed_same_files_other_seed_other_files(corpus, tmp_path):
 
 def test_counts_images_and_sizes(corpus):
     assert corpus.image_sets == {"pretrain": 40, "coco_train": 16, "coco_val": 2, "coco_test": 2,
-                                 "vqa_train": 16, "vqa_val": 4, "retrieval_test": 10}  # fmt: skip
+                                 "vqa_train": 16, "vqa_val": 4, "retrieval_test": 10,
+                                 "teacher_train": 6}  # fmt: skip
     for name, n in corpus.image_sets.items():
         rows = manifest(corpus, name)
         assert len(rows) == n
@@ -111,7 +112,7 @@ def test_a_partly_wrong_caption_is_never_a_true_one(attribute):
 
 
 def test_coco_files_have_five_references_per_image(corpus):
-    for key in ("coco_captions_train", "retrieval_test"):
+    for key in ("coco_captions_train", "retrieval_test", "teacher_captions"):
         data = json.loads(corpus.files[key].read_text())
         per_image = Counter(a["image_id"] for a in data["annotations"])
         assert set(per_image) == {im["id"] for im in data["images"]}

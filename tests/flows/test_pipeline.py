@@ -16,6 +16,7 @@ TINY = {
     "n_coco": 30,
     "n_vqa_images": 20,
     "n_retrieval": 20,
+    "n_teacher": 20,
     "stage1_steps": 3,
     "stage2_steps": 3,
     "finetune_steps": 2,
