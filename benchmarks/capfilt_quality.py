@@ -26,7 +26,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--n-pretrain", type=int, default=1000)
     parser.add_argument("--n-coco", type=int, default=1000)
     parser.add_argument("--n-vqa", type=int, default=1000)
+    parser.add_argument("--n-teacher", type=int, default=4000, help="clean images for the teachers only")
+    parser.add_argument("--captioner-steps", type=int, default=None, help="default: CaptionerTeacherConfig's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)  # 2 threads ran 5x slower on a busy 2-core box
@@ -218,7 +220,8 @@ def main() -> None:
     corpus = work / "corpus"
     if not (corpus / "corpus.json").is_file():
         synthesize(corpus, SynthConfig(seed=args.seed, n_pretrain=args.n_pretrain, n_coco=args.n_coco,
-                                       n_vqa_images=args.n_vqa, n_retrieval=10))  # fmt: skip
+                                       n_vqa_images=args.n_vqa, n_retrieval=10,
+                                       n_teacher=args.n_teacher))  # fmt: skip
     out = work / "teachers"
     start = time.perf_counter()
     if (out / "t5" / "config.json").is_file():
@@ -226,7 +229,10 @@ def main() -> None:
         teachers = TeacherPaths(clip / f"{CLIP_MODEL_NAME}.json", clip / f"{CLIP_MODEL_NAME}.safetensors",
                                 out / "captioner", out / "opt", out / "t5", out / "tokenizers")  # fmt: skip
     else:
-        teachers = train_teachers(corpus, out, TeacherConfig(seed=args.seed))
+        cfg = TeacherConfig(seed=args.seed)
+        if args.captioner_steps is not None:
+            cfg = replace(cfg, captioner=replace(cfg.captioner, steps=args.captioner_steps))
+        teachers = train_teachers(corpus, out, cfg)
     teacher_seconds = time.perf_counter() - start
     result = capfilt_quality(corpus, teachers, args.batch_size, args.seed)
     result["teacher_seconds"] = {

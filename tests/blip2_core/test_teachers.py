@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from blip2_core import teachers as T
 from blip2_core.capfilt import CapFiltConfig, RankerConfig, load_capfilt_models, run_capfilt
 from blip2_core.config import load_preset
+from blip2_core.fileio import UnsafeKeyError
 from blip2_core.llm_bridge import LLMBridge, load_llm
 from data_catalog.synth import SynthConfig, synthesize
 
@@ -56,7 +58,9 @@ def _load_benchmark():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    cfg = SynthConfig(seed=3, n_pretrain=4, n_coco=50, n_vqa_images=10, n_retrieval=2, image_size=64)
+    cfg = SynthConfig(
+        seed=3, n_pretrain=4, n_coco=50, n_vqa_images=10, n_retrieval=2, n_teacher=8, image_size=64
+    )
     return synthesize(tmp_path_factory.mktemp("corpus") / "corpus", cfg).root
 
 
@@ -71,12 +75,33 @@ def trained(corpus, tmp_path_factory) -> tuple[T.TeacherPaths, list[tuple[str, i
 def test_teacher_data_reads_only_clean_splits(corpus):
     data = T.load_teacher_data(corpus)
     coco = json.loads((corpus / "coco" / "annotations" / "captions_train.json").read_text())
-    assert len(data.images) == len(coco["images"]) == 40
-    assert sorted(data.captions) == sorted(a["caption"] for a in coco["annotations"])
+    own = json.loads((corpus / "teacher" / "captions_train.json").read_text())
+    assert len(data.images) == len(coco["images"]) + len(own["images"]) == 40 + 8
+    assert sorted(data.captions) == sorted(a["caption"] for a in coco["annotations"] + own["annotations"])
     assert all(len(refs) == 5 for refs in data.references)
     vqa = json.loads((corpus / "vqa" / "v2_OpenEnded_synth_train_questions.json").read_text())["questions"]
     assert len(data.qa) == len(vqa) and all(" Answer: " in t for t in data.qa_texts)
     assert data.qa_texts[0] == f"Question: {data.qa[0][0]} Answer: {data.qa[0][1]}"
+
+
+def test_teacher_data_reads_a_corpus_made_before_the_teacher_set(corpus, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(corpus, old)
+    meta = json.loads((old / "corpus.json").read_text())
+    del meta["files"]["teacher_captions"]
+    (old / "corpus.json").write_text(json.dumps(meta))
+    assert len(T.load_teacher_data(old).images) == 40
+
+
+def test_teacher_data_refuses_an_image_path_outside_the_corpus(corpus, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(corpus, bad)
+    own = json.loads((bad / "teacher" / "captions_train.json").read_text())
+    own["images"][2]["file_name"] = "../../etc/passwd"
+    (bad / "teacher" / "captions_train.json").write_text(json.dumps(own))
+    where = r"teacher/captions_train.json: image \d+.*outside the image folder"
+    with pytest.raises(UnsafeKeyError, match=where):
+        T.load_teacher_data(bad)
 
 
 @pytest.mark.parametrize("name", ["clip", "captioner", "opt", "t5"])
