@@ -42,6 +42,9 @@ STAGES = (
     "report",
 )
 PRETRAIN_SOURCE = "synth-pretrain"
+# The paper's Figure 5 in miniature: both stage-2 runs (with and without stage 1) keep a checkpoint at every
+# quarter of their steps, and each is evaluated zero-shot on VQA (the stage-2 run's metric FIGURE5_METRIC).
+FIGURE5_POINTS = 4
 
 
 class PipelineParams(BaseModel):
@@ -318,6 +321,7 @@ def _stage2(pl: _Pipeline, teachers, capfilt_hash: str, stage1: str) -> tuple[st
 
     def params(stage: str, stage1_run: str | None) -> Stage2Params:
         fields = _train_fields(pl, teachers, pl.p.stage2_steps)
+        fields |= {"ckpt_every": -(-pl.p.stage2_steps // FIGURE5_POINTS), "keep_last": None}
         return pl.params(
             stage,
             Stage2Params,
@@ -480,15 +484,39 @@ def _evaluate(pl: _Pipeline, teachers, stage1, stage2, ablation, finetuned) -> l
         m = run("caption", ablation, annotations=coco_test)
         row("captioning CIDEr, stage 2 without stage 1", "caption", "synth-coco-test", m, cider,
             "untrained bridge", base[cider])  # fmt: skip
-    # VQA: zero-shot after stage 2 and fine-tuned, against the majority answer.
+    # VQA: zero-shot after stage 2 (with and without stage 1: at each checkpoint, Figure 5) and fine-tuned,
+    # against the majority answer.
     majority = run("vqa", predictions=_majority_predictions(pl), annotations=vqa["annotations"])
     acc = _metric(majority, "overall")
-    for what, run_id in (("zero-shot", stage2), ("fine-tuned", finetuned["vqa"])):
-        m = run("vqa", run_id, **vqa)
+    zero_shot = {"zero-shot": stage2, "fine-tuned": None}
+    if ablation:
+        zero_shot["zero-shot, stage 2 without stage 1"] = ablation
+    for what, run_id in zero_shot.items():
+        if run_id is None:
+            m = run("vqa", finetuned["vqa"], **vqa)
+        else:
+            m = _vqa_over_training(pl, run_id, lambda checkpoint: run("vqa", checkpoint, **vqa), acc)
         row(f"VQA accuracy, {what}", "vqa", "synth-vqa-val", m, acc, "majority answer", majority[acc])
     pl.seconds["evaluate"] = round(time.perf_counter() - start, 1)
     pl.ran.append("evaluate")
     return rows
+
+
+def _vqa_over_training(pl: _Pipeline, run_id: str, evaluate, metric: str) -> dict[str, float]:
+    """Zero-shot VQA of every checkpoint a stage-2 run kept, oldest first; the metrics of the last, the
+    run's result (evaluated last, so that the catalog's evaluation of the run is the final one). Each
+    checkpoint's `metric` also goes to the run's metrics as FIGURE5_METRIC at its step: Figure 5's curve."""
+    from flows.reports import FIGURE5_METRIC
+
+    with catalog_session(pl.layout, read_only=True) as cat:
+        checkpoints = [c for c in cat.checkpoints(run_id) if Path(c.path).is_dir()]
+    if not checkpoints:
+        return evaluate(run_id)
+    for checkpoint in checkpoints:
+        metrics = evaluate(checkpoint.path)
+        with catalog_session(pl.layout) as cat:
+            cat.log_metrics(run_id, checkpoint.step, {FIGURE5_METRIC: metrics[metric]})
+    return metrics
 
 
 def _metric(metrics: dict[str, float], name: str) -> str:

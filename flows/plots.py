@@ -194,8 +194,10 @@ def line_chart(
     x_label: str,
     y_label: str,
     frame: Frame = Frame(),
+    markers: bool = False,
 ) -> str:
-    """One polyline per series of (x, y) points, drawn in x order, on shared axes."""
+    """One polyline per series of (x, y) points, drawn in x order, on shared axes; `markers`: a dot at
+    every point too (a few measured points rather than a dense curve)."""
     lines = {name: sorted(_finite_points(pts)) for name, pts in series.items()}
     lines = {name: pts for name, pts in lines.items() if pts}
     if not lines:
@@ -212,9 +214,11 @@ def line_chart(
             f'<polyline class="series" data-series="{_esc(name)}" points="{coords}" fill="none" '
             f'stroke="{colour}" stroke-width="1.8" stroke-linejoin="round"/>'
         )
-        if len(pts) == 1:  # a single point is invisible as a line
-            x, y = pts[0]
-            body.append(f'<circle cx="{axes.x(x):.1f}" cy="{axes.y(y):.1f}" r="3" fill="{colour}"/>')
+        for x, y in pts if markers or len(pts) == 1 else ():  # a single point is invisible as a line
+            body.append(
+                f'<circle class="marker" data-series="{_esc(name)}" cx="{axes.x(x):.1f}" '
+                f'cy="{axes.y(y):.1f}" r="3" fill="{colour}"/>'
+            )
     return _svg(frame, title, [*legend, *body])
 
 

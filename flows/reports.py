@@ -9,8 +9,9 @@ Baselines are numbers to compare with, keyed "task/dataset/metric", per baseline
     {"BLIP-2 ViT-g FlanT5-XL (paper)": {"vqa/vqav2/accuracy": 65.0}, "web captions only": {...}}
 Evaluate runs add the paper's numbers they carry as a baseline "paper (<preset>)"; their results, also
 recorded under the model run they evaluated, are shown once, under that run when it is reported.
-Figure 5 of the paper: two stage-2 runs' loss curves on one chart, one started from a stage-1 run (with
-representation learning) and one without it.
+Figure 5 of the paper: two stage-2 runs, one started from a stage-1 run (with representation learning) and
+one without it: their loss curves on one chart, and their zero-shot VQA accuracy over training (the metric
+FIGURE5_METRIC each run carries at its checkpoints' steps, which the pipeline records) on another.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from flows.common import artifact_key, catalog_session, layout_for
 REPORT_FILE = "index.html"
 SUMMARY_FILE = "summary.json"
 EVALUATE_STAGE = "evaluate"  # flows/evaluate.py's catalog stage: its summary names model_run and paper
+FIGURE5_METRIC = "zero_shot_vqa_accuracy"  # a stage-2 run's zero-shot VQA accuracy at a checkpoint's step
 _REPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 Baselines = Mapping[str, Mapping[str, float]]
 
@@ -68,6 +70,7 @@ class ReportData:
     capfilt: list[CapfiltSection]
     evals: list[EvalRecord]
     figure5: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # label -> stage-2 loss
+    figure5_vqa: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # label -> VQA accuracy
     paper: dict[str, dict[str, float]] = field(default_factory=dict)  # baselines from evaluate runs
 
 
@@ -114,12 +117,15 @@ def gather(
         stats = cat.capfilt_score_stats(h)
         sections.append(CapfiltSection(h, stats[0] if stats else None, cat.capfilt_score_histogram(h, bins)))
     evals = [e for r in runs if r.run_id not in _eval_copies(runs) for e in cat.eval_results(r.run_id)]
-    fig5 = {}
+    fig5, fig5_vqa = {}, {}
     if figure5 is not None:
         for label, run_id in zip(("with representation learning", "without"), figure5, strict=True):
             loss = loss_curves(cat, _require(cat, run_id)).get("loss", [])
             fig5[f"{label} ({run_id})"] = loss
-    return ReportData(cat.home, runs, curves, sections, evals, fig5, paper_baselines(runs))
+            vqa = [(m.step, m.value) for m in cat.metrics(run_id, FIGURE5_METRIC)]
+            if vqa:
+                fig5_vqa[f"{label} ({run_id})"] = vqa
+    return ReportData(cat.home, runs, curves, sections, evals, fig5, fig5_vqa, paper_baselines(runs))
 
 
 def _eval_copies(runs: list[StageRunRecord]) -> set[str]:
@@ -228,11 +234,26 @@ def _figure5_section(data: ReportData) -> str:
         y_label="generative loss",
         frame=plots.Frame(width=820, height=400),
     )
+    charts = [chart]
+    if data.figure5_vqa:
+        charts.append(
+            plots.line_chart(
+                data.figure5_vqa,
+                title="Zero-shot VQA accuracy over stage-2 training, with and without stage 1",
+                x_label="stage-2 optimizer step",
+                y_label="VQA accuracy (%)",
+                frame=plots.Frame(width=820, height=400),
+                markers=True,
+            )
+        )
+        rows = [[label, step, value] for label, pts in data.figure5_vqa.items() for step, value in pts]
+        charts.append(html_table(["stage-2 run", "step", "zero-shot VQA accuracy"], rows))
     note = (
         '<p class="note">Figure 5 of the BLIP-2 paper: without representation learning (stage 1) the '
-        "Q-Former bridges the modality gap poorly and the frozen LLM's loss stays higher.</p>"
+        "Q-Former bridges the modality gap poorly: the frozen LLM's loss stays higher and its zero-shot "
+        "VQA accuracy far lower, all through stage 2.</p>"
     )
-    return f"<h2>Figure 5: the effect of representation learning</h2>{chart}{note}"
+    return f"<h2>Figure 5: the effect of representation learning</h2>{''.join(charts)}{note}"
 
 
 def _capfilt_section(data: ReportData) -> str:
@@ -337,6 +358,7 @@ def summary_of(data: ReportData, title: str) -> dict:
         ],
         "capfilt": [s.config_hash for s in data.capfilt],
         "figure5": list(data.figure5),
+        "figure5_vqa": {label: [list(p) for p in pts] for label, pts in data.figure5_vqa.items()},
     }
 
 

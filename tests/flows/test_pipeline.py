@@ -4,12 +4,14 @@ and re-running chosen stages with the others resolved from the catalog."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from data_catalog.layout import Layout
 from flows.common import catalog_session
 from flows.pipeline import STAGES, PipelineParams, pipeline_flow
+from flows.reports import FIGURE5_METRIC
 
 TINY = {
     "n_pretrain": 40,
@@ -63,12 +65,38 @@ def test_every_stage_runs_and_is_recorded(first_run):
 def test_metrics_come_with_their_baselines(first_run):
     _, summary = first_run
     rows = {m.what: m for m in summary.metrics}
-    assert len(rows) == 9
+    assert len(rows) == 10
     for m in rows.values():
         assert math.isfinite(m.value) and m.baseline_value is not None and math.isfinite(m.baseline_value)
     assert rows["retrieval text->image R@1, zero-shot"].baseline_value == pytest.approx(100 / 20)  # chance
     assert 0 <= rows["VQA accuracy, zero-shot"].baseline_value <= 100  # the majority answer's accuracy
     assert rows["captioning CIDEr, zero-shot"].baseline == "untrained bridge"
+
+
+def test_figure5_measures_zero_shot_vqa_of_both_stage2_runs_at_every_checkpoint(first_run):
+    home, summary = first_run
+    rows = {m.what: m for m in summary.metrics}
+    runs = {
+        "zero-shot": summary.runs["stage2"],
+        "zero-shot, stage 2 without stage 1": summary.runs["stage2 without stage1"],
+    }
+    with catalog_session(Layout(home), read_only=True) as cat:
+        accuracy = {  # evaluated checkpoint -> VQA accuracy, as each evaluate run recorded it
+            str(Path(e.checkpoint).resolve()): e.value
+            for e in cat.eval_results()
+            if e.task == "vqa" and e.metric == "overall" and e.checkpoint
+        }
+        for what, run_id in runs.items():
+            checkpoints = cat.checkpoints(run_id)
+            curve = [(m.step, m.value) for m in cat.metrics(run_id, FIGURE5_METRIC)]
+            # 3 steps at a checkpoint every ceil(3 / 4) = 1 step: one point per step, each the accuracy of
+            # that step's checkpoint, the last one the table's row.
+            assert [step for step, _ in curve] == [c.step for c in checkpoints] == [1, 2, 3]
+            for c, (_, value) in zip(checkpoints, curve, strict=True):
+                assert accuracy[str(Path(c.path).resolve())] == pytest.approx(value)
+            assert rows[f"VQA accuracy, {what}"].value == pytest.approx(curve[-1][1])
+            assert rows[f"VQA accuracy, {what}"].baseline == "majority answer"
+    assert "Zero-shot VQA accuracy over stage-2 training" in summary.report.read_text()
 
 
 def test_rerunning_one_stage_takes_the_others_from_the_catalog(first_run):

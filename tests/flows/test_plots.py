@@ -73,6 +73,17 @@ def test_line_chart_draws_one_polyline_per_series_in_data_coordinates():
     assert "0" in texts(root, "tick") and "20" in texts(root, "tick")
 
 
+def test_markers_put_a_dot_on_every_point_of_their_own_line():
+    series = {"with": [(100, 20.0), (200, 30.0), (300, 35.0)], "without": [(100, 10.0), (300, 12.0)]}
+    for markers in (False, True):
+        root = parse(line_chart(series, title="t", x_label="x", y_label="y", markers=markers))
+        lines = {p.get("data-series"): p.get("points").split() for p in root.iter(f"{SVG}polyline")}
+        dots: dict[str, list[str]] = {}
+        for c in root.iter(f"{SVG}circle"):
+            dots.setdefault(c.get("data-series"), []).append(f"{c.get('cx')},{c.get('cy')}")
+        assert dots == (lines if markers else {})  # each dot sits on a vertex of its series' line
+
+
 def test_empty_or_non_finite_series_say_no_data():
     for svg in (
         line_chart({}, title="t", x_label="x", y_label="y"),

@@ -15,7 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_catalog import CAPFILT_STAGE, Catalog
-from flows.reports import ReportParams, load_baselines, report_flow, report_markdown, write_report
+from flows.reports import (
+    FIGURE5_METRIC,
+    ReportParams,
+    load_baselines,
+    report_flow,
+    report_markdown,
+    write_report,
+)
 
 SVG = "{http://www.w3.org/2000/svg}"
 BASELINES = {"BLIP-2 (paper)": {"vqa/synth-vqa/accuracy": 0.62, "caption/synth-coco/CIDEr": 1.1}}
@@ -156,6 +163,36 @@ def test_figure5_draws_both_stage2_runs_on_one_chart(report_home):
     ys = {k: [float(p.split(",")[1]) for p in v.get("points").split()] for k, v in lines.items()}
     warm, cold = ys[f"with representation learning ({ids['stage2']})"], ys[f"without ({ids['stage2_cold']})"]
     assert all(w > c for w, c in zip(warm, cold, strict=True))
+
+
+def test_figure5_draws_zero_shot_vqa_of_both_runs_over_training(tmp_path):
+    home = tmp_path / "var"
+    ids = build_report_home(home)
+    accuracy = {
+        ids["stage2"]: [(25, 30.0), (50, 38.0), (100, 44.0)],
+        ids["stage2_cold"]: [(25, 12.0), (100, 15.0)],
+    }
+    with Catalog.open(home / "catalog.duckdb") as cat:
+        for run_id, points in accuracy.items():
+            for step, value in points:
+                cat.log_metrics(run_id, step, {FIGURE5_METRIC: value})
+    path = write_report(home, run_ids=[], report_id="fig5", figure5=(ids["stage2"], ids["stage2_cold"]))
+    page = path.read_text()
+    loss, vqa = _Charts(page).svgs
+    label = {ids["stage2"]: f"with representation learning ({ids['stage2']})",
+             ids["stage2_cold"]: f"without ({ids['stage2_cold']})"}  # fmt: skip
+    lines = {p.get("data-series"): p.get("points").split() for p in vqa.iter(f"{SVG}polyline")}
+    assert {k: len(v) for k, v in lines.items()} == {label[r]: len(pts) for r, pts in accuracy.items()}
+    # Higher accuracy draws higher (smaller y pixels): the warm run's line lies above the cold one's.
+    y = {k: [float(p.split(",")[1]) for p in v] for k, v in lines.items()}
+    assert max(y[label[ids["stage2"]]]) < min(y[label[ids["stage2_cold"]]])
+    assert len(list(vqa.iter(f"{SVG}circle"))) == 5  # a dot per measured checkpoint
+    # The accuracy is not a loss: the run's training chart leaves it out; the summary carries the points.
+    charts = _Charts(write_report(home, run_ids=[ids["stage2"]]).read_text()).svgs
+    [own] = [c for c in charts if c.get("aria-label") == f"stage2 {ids['stage2']}"]
+    assert {p.get("data-series") for p in own.iter(f"{SVG}polyline")} == {"loss"}
+    summary = json.loads((path.parent / "summary.json").read_text())
+    assert summary["figure5_vqa"] == {label[r]: [list(p) for p in pts] for r, pts in accuracy.items()}
 
 
 def test_capfilt_histogram_counts_every_scored_sample(report_home):
