@@ -253,8 +253,12 @@ def test_judge_agrees_with_the_corpus_caption_kinds(corpus):
     judge = _load_benchmark()
     rows = pq.read_table(corpus / "manifests" / "coco_train.parquet").to_pylist()
     assert all(judge.parse_caption(r["gt_caption"]) is not None for r in rows)
-    data = T.load_teacher_data(corpus)
-    truths = pq.read_table(corpus / "manifests" / "coco_train.parquet").column("gt_caption").to_pylist()
+    data = T.load_teacher_data(corpus)  # the COCO train split, then the teacher set
+    truths = [
+        truth
+        for name in ("coco_train", "teacher_train")
+        for truth in pq.read_table(corpus / "manifests" / f"{name}.parquet").column("gt_caption").to_pylist()
+    ]
     # Every reference caption (any template, any level of detail) is judged correct for its own image ...
     assert all(
         judge.is_correct(c, gt) for refs, gt in zip(data.references, truths, strict=True) for c in refs
