@@ -46,6 +46,47 @@ def test_rows_add_pairs_of_references_of_one_image():
     assert len(T.opt_rows(data, tokenizer, dataclasses.replace(hp, reference_pairs=0), 0)) == len(data.texts)
 
 
+def test_rows_add_questions_read_from_their_image_caption():
+    data = _data()
+    data = dataclasses.replace(data, qa_captions=[refs[0] for refs in data.references[:5]] + [""])
+    tokenizer = T.train_bpe(data.texts, 300, "opt")
+    rows = T.opt_rows(data, tokenizer, T.LMTeacherConfig(context_qa=2), seed=0)
+    extra = [tokenizer.decode(r, skip_special_tokens=True) for r in rows[len(data.texts) :]]
+    assert len(extra) == 2 * 5  # the sixth question has no caption: no context row
+    for i, text in enumerate(extra):
+        (question, answer), caption = data.qa[i // 2], data.qa_captions[i // 2]
+        assert text == f"{caption}\n{T.qa_text(question, answer)}\n"
+    assert len(T.opt_rows(data, tokenizer, T.LMTeacherConfig(), 0)) == len(data.texts)  # off by default
+
+
+def _attention_at_init(std: float) -> tuple[float, float]:
+    """(weight std of a projection, mean attention entropy / uniform entropy of the causal rows) of the
+    default-size OPT teacher initialised at `std`."""
+    from transformers import OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = T.opt_config(T.LMTeacherConfig(init_std=std), 300)
+    config._attn_implementation = "eager"
+    model = OPTForCausalLM(config).eval()
+    ids = torch.randint(4, 300, (4, 24))
+    with torch.no_grad():
+        attention = model(input_ids=ids, output_attentions=True).attentions[-1]  # (B, heads, T, T)
+    entropy = -(attention * attention.clamp_min(1e-12).log()).sum(-1)[..., 1:]  # row t sees t + 1 tokens
+    uniform = torch.log(torch.arange(2, 25, dtype=torch.float))
+    weight = model.model.decoder.layers[0].self_attn.q_proj.weight
+    return weight.std().item(), (entropy / uniform).mean().item()
+
+
+def test_default_init_lets_the_width_64_opt_attend():
+    # OPT's 0.02 is sized for width 768: at width 64 every attention map starts uniform, and the trained
+    # teacher is hard to steer with a soft prompt. The default must not be.
+    std = T.LMTeacherConfig().init_std
+    weight_std, ratio = _attention_at_init(std)
+    assert abs(weight_std - std) < 0.2 * std and ratio < 0.99
+    weight_std, ratio = _attention_at_init(0.02)
+    assert abs(weight_std - 0.02) < 0.004 and ratio > 0.999
+
+
 def _caption_loss(model, rows: list[list[int]], pad_id: int, offset: int) -> float:
     ids, mask = pad_right(rows, pad_id)  # (B, T)
     positions = torch.arange(ids.shape[1]).expand_as(ids) + offset
