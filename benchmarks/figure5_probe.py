@@ -10,8 +10,15 @@ Reads a finished demo home (read only) and prints two diagnostics as JSON:
    ignores the image, whatever its training loss. The batches are a fresh draw from the runs' own source
    (the demo has no held-out pretraining split), which if anything flatters a run's use of the image.
 
+3. With `--teacher DIR` (an OPT teacher folder; repeatable), instead: how far a soft prompt can steer it
+   (`prompt_steerability`: caption loss of 64 test captions with no prompt, with one optimised prompt for
+   all, and with an optimised prompt per caption, the upper bound on what stage 2's queries can do), and
+   its text-only VQA on the val split with and without the image's true caption in front
+   (`text_context_vqa`: does it read an answer from its context at all?).
+
     .venv/bin/python benchmarks/figure5_probe.py var            # a demo home
     .venv/bin/python benchmarks/figure5_probe.py var --batches 4
+    .venv/bin/python benchmarks/figure5_probe.py var --teacher var/teachers/<hash>/opt
 """
 
 from __future__ import annotations
@@ -77,12 +84,98 @@ def true_and_shuffled_loss(run_dir: Path, batches: list[dict]) -> dict[str, floa
     }
 
 
+def prompt_steerability(llm_dir: str, captions: list[str], slots: int = 8, steps: int = 150) -> dict:
+    """Caption loss of the frozen LLM after `slots` soft-prompt vectors (Adam, lr 0.05) are optimised
+    for all captions at once ("shared") and for each caption on its own ("per_caption")."""
+    from blip2_core.llm_bridge import IGNORE_INDEX, decoder_text_inputs, lm_loss, load_llm
+
+    llm, tokenizer = load_llm(llm_dir)
+    text = decoder_text_inputs(tokenizer, captions, None, "\n", 32)
+    embeds = llm.get_input_embeddings()(text.input_ids)  # (B, T, D)
+    (b, _, d), scale = embeds.shape, llm.get_input_embeddings().weight.std().item()
+    mask = torch.cat([torch.ones(b, slots, dtype=torch.long), text.attention_mask], 1)
+    labels = torch.cat([torch.full((b, slots), IGNORE_INDEX), text.labels], 1)
+
+    def loss(prompt: torch.Tensor) -> torch.Tensor:
+        logits = llm(inputs_embeds=torch.cat([prompt.expand(b, slots, d), embeds], 1), attention_mask=mask)
+        return lm_loss(logits.logits, labels)
+
+    out = {}
+    with torch.no_grad():
+        out["no_prompt"] = lm_loss(llm(input_ids=text.input_ids, attention_mask=text.attention_mask).logits,
+                                   text.labels).item()  # fmt: skip
+    for name, rows in (("shared", 1), ("per_caption", b)):
+        torch.manual_seed(0)
+        prompt = torch.nn.Parameter(torch.randn(rows, slots, d) * scale)
+        optimizer = torch.optim.Adam([prompt], lr=0.05)
+        for _ in range(steps):
+            value = loss(prompt)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+        with torch.no_grad():
+            out[name] = loss(prompt).item()
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+@torch.no_grad()
+def text_context_vqa(llm_dir: str, corpus: Path) -> dict:
+    """Exact-match accuracy (%) per answer type of greedy answers to "Question: q Answer:" on the VQA val
+    split, alone and after the image's ground-truth caption ("caption\\n" in front)."""
+    import pyarrow.parquet as pq
+
+    from blip2_core.llm_bridge import load_llm
+
+    llm, tokenizer = load_llm(llm_dir)
+    files = json.loads((corpus / "corpus.json").read_text())["files"]
+    rows = pq.read_table(corpus / files["manifest_vqa_val"]).select(["image_id", "gt_caption"]).to_pylist()
+    captions = {r["image_id"]: r["gt_caption"] for r in rows}
+    questions = json.loads((corpus / files["vqa_questions_val"]).read_text())["questions"]
+    annotations = json.loads((corpus / files["vqa_annotations_val"]).read_text())["annotations"]
+    truth = {a["question_id"]: (a["multiple_choice_answer"], a["answer_type"]) for a in annotations}
+    newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
+    out = {}
+    for context in (False, True):
+        hits: dict[str, list[bool]] = {}
+        for q in questions:
+            prompt = (
+                captions[q["image_id"]] + "\n" if context else ""
+            ) + f"Question: {q['question']} Answer:"
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            new = llm.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=newline,
+                               pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]  # fmt: skip
+            answer, kind = truth[q["question_id"]]
+            hits.setdefault(kind, []).append(
+                tokenizer.decode(new, skip_special_tokens=True).strip() == answer
+            )
+        every = [h for v in hits.values() for h in v]
+        out["caption in front" if context else "question alone"] = {
+            **{k: round(100 * sum(v) / len(v), 1) for k, v in hits.items()},
+            "all": round(100 * sum(every) / len(every), 1),
+        }
+    return out
+
+
+def teacher_report(home: Path, teachers: list[str]) -> dict:
+    coco = json.loads((home / "corpus" / "coco" / "annotations" / "captions_test.json").read_text())
+    captions = [a["caption"] for a in coco["annotations"]][::7][:64]
+    return {
+        t: {"prompt_steerability": prompt_steerability(t, captions),
+            "text_context_vqa": text_context_vqa(t, home / "corpus")}
+        for t in teachers
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("home", type=Path, help="a demo home (var/) with finished stage-2 runs")
     parser.add_argument("--batches", type=int, default=6, help="batches of the stage-2 batch size")
+    parser.add_argument("--teacher", action="append", help="probe this OPT teacher folder instead (3.)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.teacher:
+        print(json.dumps(teacher_report(args.home, args.teacher), indent=1))
+        return
     runs = sorted(p.parent for p in (args.home / "runs" / "stage2").glob("*/job.json"))
     runs = [r for r in runs if any((r / "checkpoints").glob("step-*"))]
     if not runs:
