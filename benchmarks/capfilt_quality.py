@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--n-vqa", type=int, default=1000)
     parser.add_argument("--n-teacher", type=int, default=4000, help="clean images for the teachers only")
     parser.add_argument("--captioner-steps", type=int, default=None, help="default: CaptionerTeacherConfig's")
+    parser.add_argument("--captioner-init-std", type=float, default=None, help="ViT and decoder init std")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)  # 2 threads ran 5x slower on a busy 2-core box
@@ -232,6 +233,9 @@ def main() -> None:
         cfg = TeacherConfig(seed=args.seed)
         if args.captioner_steps is not None:
             cfg = replace(cfg, captioner=replace(cfg.captioner, steps=args.captioner_steps))
+        if args.captioner_init_std is not None:
+            std = args.captioner_init_std
+            cfg = replace(cfg, captioner=replace(cfg.captioner, vision_init_std=std, text_init_std=std))
         teachers = train_teachers(corpus, out, cfg)
     teacher_seconds = time.perf_counter() - start
     result = capfilt_quality(corpus, teachers, args.batch_size, args.seed)

@@ -43,7 +43,7 @@ class CorpusIngestParams(BaseModel):
     n_vqa_images: int = Field(400, ge=10)
     n_retrieval: int = Field(500, ge=10)
     n_teacher: int = Field(
-        4000, ge=0, description="clean captioned images the teachers (stand-in pretrained models) learn from"
+        0, ge=0, description="clean captioned images the teachers (stand-in pretrained models) learn from"
     )
     image_size: int = Field(96, ge=16, description="stored image side; the tiny preset crops 64 px from it")
     samples_per_shard: int = Field(1000, ge=10)

@@ -64,7 +64,7 @@ class PipelineParams(BaseModel):
     n_coco: int = Field(600, ge=10)
     n_vqa_images: int = Field(400, ge=10)
     n_retrieval: int = Field(300, ge=10)
-    n_teacher: int = Field(4000, ge=0, description="clean captioned images for the teachers only")
+    n_teacher: int = Field(0, ge=0, description="clean captioned images for the teachers only")
     stage1_steps: int = Field(400, ge=1)
     stage2_steps: int = Field(400, ge=1)
     finetune_steps: int = Field(150, ge=1)
