@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from blip2_core.checkpoints import save_checkpoint
 from blip2_core.config import config_to_dict, load_preset
 from blip2_core.hf_interop import RUN_CONFIG_FILE
+from data_catalog import Catalog
 from data_catalog.layout import Layout
 from data_catalog.synth import SynthConfig, load_corpus, synthesize
 from flows.common import catalog_session
@@ -116,3 +117,8 @@ def shared_finetune_home(tmp_path_factory) -> FinetuneHome:
         root / "var", root / "corpus", dict(info.files), root / "tiny-test.json", root / "wordpiece",
         runs["stage1_run"], runs["stage2_run"],
     )  # fmt: skip
+
+
+def open_catalog(home: Path) -> Catalog:
+    """The catalog under `home`, read-only, for a test's assertions."""
+    return Catalog.open(Layout(home).catalog, read_only=True)

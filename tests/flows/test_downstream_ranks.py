@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_fixtures import shared_finetune_home
+from finetune_fixtures import open_catalog
 
 import flows.downstream_entry as downstream_entry
-from data_catalog import Catalog
 from data_catalog.layout import Layout
 from flows.cli import main
 from flows.common import catalog_session
@@ -31,20 +30,6 @@ _spec = importlib.util.spec_from_file_location(
 )
 finetune_tests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(finetune_tests)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, prefect_harness):
-    return shared_finetune_home(tmp_path_factory)
-
-
-@pytest.fixture()
-def home(built, tmp_path) -> Path:
-    return Path(shutil.copytree(built.home, tmp_path / "var"))
-
-
-def open_catalog(home: Path) -> Catalog:
-    return Catalog.open(Layout(home).catalog, read_only=True)
 
 
 def caption_params(built, home: Path, **kw):

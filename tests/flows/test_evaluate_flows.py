@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from finetune_fixtures import shared_finetune_home
+from finetune_fixtures import open_catalog
 
-from data_catalog import Catalog
 from data_catalog.layout import Layout
 from flows.cli import main
 from flows.evaluate import EvaluateParams, evaluate_flow, generate_from_checkpoint, paper_numbers, paper_table
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, prefect_harness):
-    return shared_finetune_home(tmp_path_factory)
-
-
-@pytest.fixture()
-def home(built, tmp_path) -> Path:
-    return Path(shutil.copytree(built.home, tmp_path / "var"))
-
-
-def open_catalog(home: Path) -> Catalog:
-    return Catalog.open(Layout(home).catalog, read_only=True)
 
 
 def _write(path: Path, data) -> Path:

@@ -4,30 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from finetune_fixtures import shared_finetune_home
+from finetune_fixtures import open_catalog
 from safetensors.torch import load_file
 
-from data_catalog import Catalog
-from data_catalog.layout import Layout
 from flows.evaluate import EvaluateParams, evaluate_flow
 from flows.finetune import FinetuneParams, finetune_flow
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, prefect_harness):
-    return shared_finetune_home(tmp_path_factory)
-
-
-@pytest.fixture()
-def home(built, tmp_path) -> Path:
-    return Path(shutil.copytree(built.home, tmp_path / "var"))
 
 
 def params(built, home: Path, task: str, **kw) -> FinetuneParams:
@@ -46,10 +33,6 @@ def params(built, home: Path, task: str, **kw) -> FinetuneParams:
     base = dict(task=task, start_run=start, steps=3, batch_size=4, lr=1e-4, warmup_steps=1, image_size=72,
                 num_workers=0, log_every=1, ckpt_every=3, home=home)  # fmt: skip
     return FinetuneParams(**{**base, **data, **kw})
-
-
-def open_catalog(home: Path) -> Catalog:
-    return Catalog.open(Layout(home).catalog, read_only=True)
 
 
 def _tower_moved(start: dict, after: dict) -> bool:
