@@ -51,13 +51,13 @@ from data_catalog import Catalog
 from data_catalog.layout import Layout
 from flows.common import catalog_session, flow_run_id, layout_for, source_lock
 from flows.train import (
-    _log_to_file,
-    _precision,
-    _Reporter,
+    RunReporter,
     close_stale_run,
     config_hash,
     find_previous,
     latest_recorded_checkpoint,
+    log_to_file,
+    resolve_precision,
     seed_checkpoint,
     train_with_torchrun,
     watch,
@@ -287,9 +287,9 @@ def plan(params: FinetuneParams, start: dict, n_records: int, shards: list[str])
     lr = params.lr or (5e-6 if params.task == "retrieval" and vit_l else 1e-5)
     train = {
         "steps": steps, "lr": lr, "min_lr": min(params.min_lr, lr), "warmup_steps": params.warmup_steps,
-        "betas": [0.9, 0.999], "weight_decay": params.weight_decay, "precision": _precision(params.precision),
-        "seed": params.seed, "log_every": params.log_every, "ckpt_every": params.ckpt_every,
-        "keep_last": params.keep_last,
+        "betas": [0.9, 0.999], "weight_decay": params.weight_decay,
+        "precision": resolve_precision(params.precision), "seed": params.seed,
+        "log_every": params.log_every, "ckpt_every": params.ckpt_every, "keep_last": params.keep_last,
         # DDP: VQA keeps the Q-Former's text branch, whose LM head the answer loss never reaches.
         "find_unused_parameters": params.task == "vqa",
     }  # fmt: skip
@@ -324,7 +324,7 @@ def finetune_in_process(job_path: str) -> dict:
     """The trainer in the flow process (CPU or one GPU); its log lines go to <run_dir>/log."""
     from flows.downstream_entry import run_finetune_job
 
-    with _log_to_file(Path(job_path).parent / "log"):
+    with log_to_file(Path(job_path).parent / "log"):
         return run_finetune_job(job_path)
 
 
@@ -385,7 +385,7 @@ def _finetune_run(params, layout, stage, run_id, run_dir, job, chash, n_records,
         *(stage, run_id, job["start_checkpoint"], steps, start, params.nproc, job["batch_size"]),
         *(job["config"]["vision"]["image_size"], n_records, run_dir),
     )  # fmt: skip
-    reporter = _Reporter(layout, run_id, run_dir, start, steps, stage)
+    reporter = RunReporter(layout, run_id, run_dir, start, steps, stage)
     job_path = str(run_dir / JOB_FILE)
     if params.nproc == 1:
         future = finetune_in_process.submit(job_path)

@@ -488,6 +488,11 @@ def _evaluate(pl: _Pipeline, teachers, stage1, stage2, ablation, finetuned) -> l
     # against the majority answer.
     majority = run("vqa", predictions=_majority_predictions(pl), annotations=vqa["annotations"])
     acc = _metric(majority, "overall")
+    # The frozen LLM alone: the untrained bridge gives it no image, so this is its question prior, the part
+    # of zero-shot accuracy that owes nothing to the image.
+    prior = run("vqa", untrained, **vqa)
+    row("VQA accuracy, untrained bridge (the LLM alone)", "vqa", "synth-vqa-val", prior, acc,
+        "majority answer", majority[acc])  # fmt: skip
     zero_shot = {"zero-shot": stage2, "fine-tuned": None}
     if ablation:
         zero_shot["zero-shot, stage 2 without stage 1"] = ablation

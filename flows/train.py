@@ -349,7 +349,8 @@ def _llm_folder(cfg: Blip2Config) -> str:
     return str(folder.resolve())
 
 
-def _precision(name: str) -> str:
+def resolve_precision(name: str) -> str:
+    """The precision a job runs at: for "auto", bf16 on a CUDA device that has it, else fp32."""
     if name != "auto":
         return name
     import torch
@@ -378,7 +379,7 @@ def plan_job(stage: str, params: TrainParams, cfg: Blip2Config, sources: list[So
         "betas": [stage_cfg.beta1, stage_cfg.beta2],
         "weight_decay": stage_cfg.weight_decay,
         "grad_accum": params.grad_accum,
-        "precision": _precision(params.precision),
+        "precision": resolve_precision(params.precision),
         "seed": params.seed,
     }
     return {
@@ -472,7 +473,7 @@ def seed_checkpoint(ckpt: Path, run_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _log_to_file(path: Path) -> Iterator[None]:
+def log_to_file(path: Path) -> Iterator[None]:
     """The trainer's log lines (blip2_core loggers) into the run's log file while training in-process."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -492,7 +493,7 @@ def _log_to_file(path: Path) -> Iterator[None]:
 def train_in_process(job_path: str) -> None:
     """One process: the trainer runs here, in the flow process (CPU or a single GPU)."""
     job = TrainJob.read(job_path)
-    with _log_to_file(Path(job.run_dir) / _LOG_FILE):
+    with log_to_file(Path(job.run_dir) / _LOG_FILE):
         run_job(job)
 
 
@@ -546,7 +547,7 @@ def train_with_torchrun(job_path: str, nproc: int, module: str = "flows.torchrun
         raise RuntimeError(f"torchrun exited with status {code}; log {log_path}:\n" + "\n".join(tail))
 
 
-class _Reporter:
+class RunReporter:
     """Tails the run's JSONL events into the catalog (this process is its one writer) and the artifacts."""
 
     def __init__(self, layout: Layout, run_id: str, run_dir: Path, start: int, steps: int, stage: str):
@@ -584,7 +585,7 @@ class _Reporter:
             update_progress_artifact(self.progress_id, progress=min(100.0, 100.0 * step / self.steps))
 
 
-def watch(future, reporter: _Reporter) -> None:
+def watch(future, reporter: RunReporter) -> None:
     """Drain the events while the training task runs, once more after it ends, then raise its error."""
     while True:
         finished = future.state.is_final()  # read before draining: nothing written before the end is lost
@@ -660,7 +661,7 @@ def _train_run(stage, params, layout, run_id, run_dir, plan, chash, steps, previ
         "%s run %s: %d step(s) from %d, %d process(es), batch %d per process, sources %s, log %s",
         *(stage, run_id, steps, start, params.nproc, job.batch_size, [s.name for s in job.sources], run_dir),
     )
-    reporter = _Reporter(layout, run_id, run_dir, start, steps, stage)
+    reporter = RunReporter(layout, run_id, run_dir, start, steps, stage)
     job_path = str(run_dir / "job.json")
     if params.job_only:
         print(launch_instructions(stage, run_id, job_path, params.nproc))

@@ -63,14 +63,27 @@ def test_every_stage_runs_and_is_recorded(first_run):
 
 
 def test_metrics_come_with_their_baselines(first_run):
-    _, summary = first_run
+    home, summary = first_run
     rows = {m.what: m for m in summary.metrics}
-    assert len(rows) == 10
+    assert len(rows) == 11
     for m in rows.values():
         assert math.isfinite(m.value) and m.baseline_value is not None and math.isfinite(m.baseline_value)
     assert rows["retrieval text->image R@1, zero-shot"].baseline_value == pytest.approx(100 / 20)  # chance
     assert 0 <= rows["VQA accuracy, zero-shot"].baseline_value <= 100  # the majority answer's accuracy
     assert rows["captioning CIDEr, zero-shot"].baseline == "untrained bridge"
+    # The LLM alone: zero-shot VQA through the untrained bridge's checkpoint, as its evaluate run recorded it.
+    prior = rows["VQA accuracy, untrained bridge (the LLM alone)"]
+    assert prior.baseline == "majority answer"
+    with catalog_session(Layout(home), read_only=True) as cat:
+        (checkpoint,) = cat.checkpoints(summary.runs["stage2 untrained bridge"])
+        recorded = [
+            e.value
+            for e in cat.eval_results()
+            if e.task == "vqa" and e.metric == "overall" and e.checkpoint
+            if Path(e.checkpoint).resolve() == Path(checkpoint.path).resolve()
+        ]
+    # once by the evaluate run, once on the evaluated stage-2 run's own record
+    assert len(recorded) == 2 and all(v == pytest.approx(prior.value) for v in recorded)
 
 
 def test_figure5_measures_zero_shot_vqa_of_both_stage2_runs_at_every_checkpoint(first_run):
