@@ -163,6 +163,10 @@ class _Pipeline:
     def runs_now(self, stage: str) -> bool:
         return stage in self.p.stages
 
+    def needed(self, stage: str) -> bool:
+        """Whether `stage` runs now or a later stage does (and reads its outputs from the catalog)."""
+        return any(STAGES.index(s) >= STAGES.index(stage) for s in self.p.stages)
+
     def timed(self, stage: str, fn, *args):
         start = time.perf_counter()
         self.logger.info("pipeline: %s ...", stage)
@@ -196,11 +200,13 @@ def pipeline_flow(params: PipelineParams) -> PipelineSummary:
         torch.set_num_threads(params.threads)
     pl = _Pipeline(params)
     _ingest(pl)
-    teachers = _teachers(pl)
-    capfilt_hash = _capfilt(pl, teachers)
-    stage1 = _stage1(pl, teachers, capfilt_hash)
-    stage2, ablation = _stage2(pl, teachers, capfilt_hash, stage1)
-    finetuned = _finetune(pl, teachers, stage1, stage2)
+    # A stage after the last one asked for is neither run nor looked up: `--only ingest teachers` must not
+    # fail for want of a stage-2 run.
+    teachers = _teachers(pl) if pl.needed("teachers") else None
+    capfilt_hash = _capfilt(pl, teachers) if pl.needed("capfilt") else None
+    stage1 = _stage1(pl, teachers, capfilt_hash) if pl.needed("stage1") else None
+    stage2, ablation = _stage2(pl, teachers, capfilt_hash, stage1) if pl.needed("stage2") else (None, None)
+    finetuned = _finetune(pl, teachers, stage1, stage2) if pl.needed("finetune") else {}
     metrics = _evaluate(pl, teachers, stage1, stage2, ablation, finetuned)
     report = _report(pl, stage2, ablation, capfilt_hash)
     summary = PipelineSummary(

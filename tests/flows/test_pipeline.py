@@ -129,3 +129,10 @@ def test_a_stage_without_its_inputs_says_which_stage_to_run(prefect_harness, tmp
     with pytest.raises(ValueError, match="unknown stage"):
         PipelineParams(stages=("stage3",))
     assert STAGES[0] == "ingest" and STAGES[-1] == "report"
+
+
+def test_the_first_stages_alone_need_nothing_from_later_ones(prefect_harness, tmp_path):
+    summary = pipeline_flow(PipelineParams(home=tmp_path / "home", stages=("ingest",), **TINY))
+    assert summary.ran == ["ingest"]  # teachers onwards neither run nor looked up in the empty catalog
+    assert summary.metrics == [] and summary.report is None
+    assert [k for k in summary.runs if k.startswith("ingest/")] and "teachers" not in summary.runs
