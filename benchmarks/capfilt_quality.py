@@ -8,7 +8,9 @@ and judges every caption against the scene's ground truth with a rule-based judg
     is true of the scene and it names every shape group, each exactly once.
 
 Prints one JSON line: the share of correct captions among the raw web captions and among the kept top two
-(plus diagnostics: top-1, all generated candidates, how often the web caption was kept).
+(plus diagnostics: top-1, all generated candidates, how often the web caption was kept, what a perfect
+ranker would keep from the same candidates, and the ranker's pairwise accuracy: the share of (correct, wrong)
+caption pairs of one image that it scores in the right order).
 
     python benchmarks/capfilt_quality.py                       # 1,000 pretrain images, default teachers
     python benchmarks/capfilt_quality.py --teachers DIR        # reuse (or write) teachers in DIR
@@ -156,6 +158,17 @@ def _share(flags: list[bool]) -> float:
     return round(sum(flags) / len(flags), 4) if flags else float("nan")
 
 
+def _scored(rec: object, gt_caption: str) -> list[tuple[float, bool]]:
+    """(CLIP score, correct) of each distinct caption the ranker scored (the candidates, then the web one)."""
+    texts = [*rec.candidates, rec.web_caption]
+    seen, out = set(), []
+    for text, score in zip(texts, rec.scores, strict=True):
+        if score == score and text not in seen:  # NaN: dropped as degenerate
+            seen.add(text)
+            out.append((score, is_correct(text, gt_caption)))
+    return out
+
+
 def capfilt_quality(corpus_dir: Path, teachers: object, batch_size: int, seed: int) -> dict:
     """Run CapFilt over the corpus' pretraining images; shares of correct captions before and after."""
     import pyarrow.parquet as pq
@@ -177,7 +190,7 @@ def capfilt_quality(corpus_dir: Path, teachers: object, batch_size: int, seed: i
     start = time.perf_counter()
     records = list(run_capfilt(samples, cfg, load_capfilt_models(cfg)))
     seconds = time.perf_counter() - start
-    web, kept, top1, generated, web_kept = [], [], [], [], []
+    web, kept, top1, generated, web_kept, oracle, pairs = [], [], [], [], [], [], []
     for row, rec in zip(rows, records, strict=True):
         gt = row["gt_caption"]
         web.append(is_correct(row["caption"], gt))
@@ -185,6 +198,10 @@ def capfilt_quality(corpus_dir: Path, teachers: object, batch_size: int, seed: i
         top1.append(bool(rec.top) and is_correct(rec.top[0], gt))
         generated += [is_correct(t, gt) for t in rec.candidates]
         web_kept.append(rec.web_caption in rec.top)
+        scored, k = _scored(rec, gt), len(rec.top)
+        right = min(k, sum(ok for _, ok in scored))  # a perfect ranker keeps the correct ones first
+        oracle += [True] * right + [False] * (min(k, len(scored)) - right)
+        pairs += [a > b for a, ok_a in scored if ok_a for b, ok_b in scored if not ok_b and a != b]
     return {
         "images": len(rows),
         "web_correct_share": _share(web),
@@ -192,6 +209,8 @@ def capfilt_quality(corpus_dir: Path, teachers: object, batch_size: int, seed: i
         "top1_correct_share": _share(top1),
         "generated_correct_share": _share(generated),
         "web_caption_kept_share": _share(web_kept),
+        "perfect_ranker_top2_correct_share": _share(oracle),
+        "ranker_pairwise_accuracy": _share(pairs),
         "capfilt_seconds": round(seconds, 1),
         "example": {"web": rows[0]["caption"], "gt": rows[0]["gt_caption"], "kept": list(records[0].top)},
     }

@@ -10,11 +10,15 @@ Reads a finished demo home (read only) and prints two diagnostics as JSON:
    ignores the image, whatever its training loss. The batches are a fresh draw from the runs' own source
    (the demo has no held-out pretraining split), which if anything flatters a run's use of the image.
 
+   `prompt_knows_background`: held-out accuracy of a linear probe that reads the scene's background colour
+   from the run's projected visual prompt (what reaches the LLM's input), chance beside it.
 3. With `--teacher DIR` (an OPT teacher folder; repeatable), instead: how far a soft prompt can steer it
    (`prompt_steerability`: caption loss of 64 test captions with no prompt, with one optimised prompt for
    all, and with an optimised prompt per caption, the upper bound on what stage 2's queries can do), and
    its text-only VQA on the val split with and without the image's true caption in front
-   (`text_context_vqa`: does it read an answer from its context at all?).
+   (`text_context_vqa`: does it read an answer from its context at all?), and `background_prompt`: the
+   held-out caption loss after one optimised prompt for all captions and after one per background colour
+   (an oracle that knows only the background: what that fact is worth to this LLM, in nats per token).
 
     .venv/bin/python benchmarks/figure5_probe.py var            # a demo home
     .venv/bin/python benchmarks/figure5_probe.py var --batches 4
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 from pathlib import Path
 
 import torch
@@ -156,12 +162,109 @@ def text_context_vqa(llm_dir: str, corpus: Path) -> dict:
     return out
 
 
+def _pretrain_rows(home: Path, count: int) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(home / "corpus" / "manifests" / "pretrain.parquet").to_pylist()[:count]
+
+
+def _background(caption: str) -> str:
+    """The background colour of a corpus ground-truth caption ("... on a red background")."""
+    match = re.search(r"on an? (\w+) background$", caption)
+    if match is None:
+        raise ValueError(f"not a ground-truth caption of the synthetic corpus: {caption!r}")
+    return match.group(1)
+
+
+def background_prompt(llm_dir: str, home: Path, slots: int = 8, steps: int = 200) -> dict:
+    """Held-out caption loss (256 of 768 ground-truth captions) after training (Adam, lr 0.05, batch 64) one
+    soft prompt for all captions, and one per background colour."""
+    from blip2_core.llm_bridge import IGNORE_INDEX, decoder_text_inputs, lm_loss, load_llm
+
+    captions = [r["gt_caption"] for r in _pretrain_rows(home, 768)]
+    llm, tokenizer = load_llm(llm_dir)
+    llm.requires_grad_(False)
+    text = decoder_text_inputs(tokenizer, captions, None, "\n", 32)
+    embeds = llm.get_input_embeddings()(text.input_ids)  # (B, T, D)
+    (b, _, d), scale = embeds.shape, llm.get_input_embeddings().weight.std().item()
+    mask = torch.cat([torch.ones(b, slots, dtype=torch.long), text.attention_mask], 1)
+    labels = torch.cat([torch.full((b, slots), IGNORE_INDEX), text.labels], 1)
+    train, held_out = torch.arange(0, 512), torch.arange(512, b)
+
+    def loss(prompts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        logits = llm(inputs_embeds=torch.cat([prompts[rows], embeds[rows]], 1), attention_mask=mask[rows])
+        return lm_loss(logits.logits, labels[rows])
+
+    out = {}
+    for name, keys in (
+        ("one_prompt", ["all"] * b),
+        ("prompt_per_background", list(map(_background, captions))),
+    ):
+        names = sorted(set(keys))
+        which = torch.tensor([names.index(k) for k in keys])
+        torch.manual_seed(0)
+        prompts = torch.nn.Parameter(torch.randn(len(names), slots, d) * scale)
+        optimizer = torch.optim.Adam([prompts], lr=0.05)
+        for _ in range(steps):
+            value = loss(prompts[which], train[torch.randint(0, len(train), (64,))])
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+        with torch.no_grad():
+            out[name] = round(loss(prompts[which], held_out).item(), 4)
+    out["background_worth_nats_per_token"] = round(out["one_prompt"] - out["prompt_per_background"], 4)
+    return out
+
+
+@torch.no_grad()
+def prompt_knows_background(run_dir: Path, home: Path) -> dict:
+    """Held-out accuracy of a linear probe (trained on 450 of 600 images) reading the background colour
+    from the run's projected visual prompt."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from blip2_core.checkpoints import WEIGHTS_FILE
+    from blip2_core.data import AugmentConfig, ImageTransform
+    from flows.torchrun_entry import TrainJob, build_model
+
+    job = TrainJob.read(run_dir / "job.json")
+    cfg = job.blip2_config()
+    model = build_model(job, cfg).eval()
+    model.load_state_dict(load_file(sorted((run_dir / "checkpoints").glob("step-*"))[-1] / WEIGHTS_FILE),
+                          strict=False)  # fmt: skip
+    rows = _pretrain_rows(home, 600)
+    transform, rng = (
+        ImageTransform(AugmentConfig(image_size=cfg.vision.image_size, train=False)),
+        random.Random(0),
+    )
+    images = torch.stack(
+        [transform(Image.open(home / "corpus" / r["path"]).convert("RGB"), rng)[0] for r in rows]
+    )
+    x = model.bridge.llm_projection(model.query_output(images)).flatten(1)  # (N, Q * D_llm)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    names = sorted({_background(r["gt_caption"]) for r in rows})
+    y = torch.tensor([names.index(_background(r["gt_caption"])) for r in rows])
+    with torch.enable_grad():
+        probe = torch.nn.Linear(x.shape[1], len(names))
+        optimizer = torch.optim.Adam(probe.parameters(), lr=0.05)
+        for _ in range(300):
+            value = (
+                torch.nn.functional.cross_entropy(probe(x[:450]), y[:450]) + 1e-3 * probe.weight.pow(2).sum()
+            )
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+    accuracy = (probe(x[450:]).argmax(1) == y[450:]).float().mean().item()
+    return {"accuracy": round(accuracy, 3), "chance": round(1 / len(names), 3)}
+
+
 def teacher_report(home: Path, teachers: list[str]) -> dict:
     coco = json.loads((home / "corpus" / "coco" / "annotations" / "captions_test.json").read_text())
     captions = [a["caption"] for a in coco["annotations"]][::7][:64]
     return {
         t: {"prompt_steerability": prompt_steerability(t, captions),
-            "text_context_vqa": text_context_vqa(t, home / "corpus")}
+            "text_context_vqa": text_context_vqa(t, home / "corpus"),
+            "background_prompt": background_prompt(t, home)}
         for t in teachers
     }  # fmt: skip
 
@@ -187,7 +290,13 @@ def main() -> None:
     report = {
         "llm": llm_dir,
         "llm_loss_at_offset": llm_loss_at_offsets(llm_dir, batches),
-        "stage2_runs": {r.name: true_and_shuffled_loss(r, batches) for r in runs},
+        "stage2_runs": {
+            r.name: {
+                **true_and_shuffled_loss(r, batches),
+                "prompt_knows_background": prompt_knows_background(r, args.home),
+            }
+            for r in runs
+        },
     }
     print(json.dumps(report, indent=1))
 
