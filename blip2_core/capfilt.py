@@ -16,7 +16,6 @@ atomically so that a killed run leaves nothing a re-run would trust.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -201,13 +200,17 @@ class Captioner:
         # Row b*n + j is sample j of image b: the ViT ran once per image, its output is shared.
         image_embeds = image_embeds.repeat_interleave(n, dim=0)  # (B*n, N, D)
         prompt = self.prompt_ids.expand(image_embeds.shape[0], -1)  # (B*n, P)
-        with _seeded(seed, self.cfg.device):
-            tokens = self._sample(prompt, image_embeds)  # (B*n, <= max_length)
+        # A generator of this call's own, not torch's process-wide RNG: the flow runs shard tasks in
+        # threads, and draws from one shared stream would interleave between them.
+        generator = torch.Generator(device=self.cfg.device).manual_seed(seed)
+        tokens = self._sample(prompt, image_embeds, generator)  # (B*n, <= max_length)
         texts = self.processor.tokenizer.batch_decode(tokens[:, prompt.shape[1] :], skip_special_tokens=True)
         texts = [t.strip() for t in texts]
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]
 
-    def _sample(self, prompt: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    def _sample(
+        self, prompt: torch.Tensor, image_embeds: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """Decode all rows together with the KV cache, sampling each token from its top-p nucleus.
 
         Our own loop rather than `generate`, whose top-p sorts the whole vocabulary for every row and
@@ -222,7 +225,7 @@ class Captioner:
         while tokens.shape[1] < self.cfg.max_length and not finished.all():
             logits, cache = self._decoder_step(step_ids, image_embeds, cache)  # (R, V)
             logits = self._process_logits(logits, tokens, eos)
-            next_ids = nucleus_sample(logits.softmax(dim=-1), self.cfg.top_p)  # (R,)
+            next_ids = nucleus_sample(logits.softmax(dim=-1), self.cfg.top_p, generator)  # (R,)
             next_ids = torch.where(finished, pad, next_ids)
             finished |= next_ids == eos
             step_ids = next_ids[:, None]
@@ -255,7 +258,9 @@ class Captioner:
         return logits
 
 
-def nucleus_sample(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def nucleus_sample(
+    probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One token per row of `probs` (R, V), drawn from the row's top-p nucleus; returns (R,).
 
     The nucleus (transformers' rule) holds the tokens whose strictly more probable tokens hold less than
@@ -269,7 +274,7 @@ def nucleus_sample(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     while pending.numel() > 0:
         p = probs[pending]  # (R', V)
         cdf = p.cumsum(dim=-1)
-        u = torch.rand(p.shape[0], 1, device=p.device, dtype=cdf.dtype) * cdf[:, -1:]
+        u = torch.rand(p.shape[0], 1, device=p.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
         draw = torch.searchsorted(cdf, u, right=True).clamp_max(p.shape[1] - 1)  # (R', 1)
         mass_above = (p * (p > p.gather(1, draw))).sum(dim=-1)  # (R',)
         accepted = mass_above < top_p
@@ -363,15 +368,6 @@ def _load_ranker(cfg: CapFiltConfig) -> Ranker:
     )
     model = model.eval().requires_grad_(False)
     return Ranker(model, preprocess, open_clip.get_tokenizer(rc.model), cfg.device, cfg.torch_dtype)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: str) -> Iterator[None]:
-    """Seed torch's RNG for a block and restore the caller's RNG state afterwards."""
-    devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 # ------------------------------------------------------------------------------------------- filtering

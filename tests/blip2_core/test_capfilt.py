@@ -154,6 +154,28 @@ def test_a_rerun_reproduces_and_another_seed_differs(model_dir, models):
     assert [r.candidates for r in other] != [r.candidates for r in first]
 
 
+def test_threads_captioning_at_once_get_the_captions_of_a_run_alone(model_dir, models):
+    """The flow runs shard tasks in threads: a batch's captions must not depend on what runs beside it."""
+    import threading
+
+    batches = [colour_samples(6)[:3], colour_samples(6)[3:]]
+    alone = [list(cf.run_capfilt(b, make_cfg(model_dir), models)) for b in batches]
+    together: list = [None, None]
+    start = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        start.wait()
+        together[i] = [list(cf.run_capfilt(batches[i], make_cfg(model_dir), models)) for _ in range(5)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert all(run == alone[i] for run in together[i])
+
+
 # ------------------------------------------------------------------------------------------ ranking
 
 
