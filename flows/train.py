@@ -442,6 +442,20 @@ def find_previous(
     return None
 
 
+def _already_finished(cat: Catalog, previous: tuple[str, Path] | None, steps: int) -> TrainSummary | None:
+    """The summary of `previous` when it is a finished run whose last checkpoint is the target step: running
+    again would only copy it under a new run id (and give every stage after it new inputs)."""
+    if previous is None or not previous[1].name.startswith("step-"):
+        return None
+    rec = cat.run(previous[0])
+    if rec is None or rec.status != "done" or int(previous[1].name.removeprefix("step-")) != steps:
+        return None
+    try:
+        return TrainSummary.model_validate(rec.summary)
+    except ValueError:  # a summary from an older version of this module: run as before
+        return None
+
+
 def close_stale_run(cat: Catalog, layout: Layout, stage: str, run_id: str, successor: str) -> None:
     """A 'running' run whose folder lock is free was killed: mark it failed before continuing it.
     While its flow still holds the lock, source_lock raises StageBusyError instead."""
@@ -622,6 +636,13 @@ def run_training(stage: str, params: TrainParams) -> TrainSummary:
         plan = plan_job(stage, params, cfg, sources, **_model_inputs(cat, layout, stage, params, cfg))
         chash = config_hash(plan)
         previous = find_previous(cat, layout, stage, chash, params)
+        finished = _already_finished(cat, previous, steps) if params.run_id is None else None
+        if finished is not None:
+            get_run_logger().info(
+                "%s: run %s already reached step %d with these parameters; it is the result (start a new "
+                "one with resume=False)", stage, finished.run_id, steps,
+            )  # fmt: skip
+            return finished
         run_params = params.model_dump(mode="json") | {"resumes": previous[0] if previous else None}
         run_id = cat.start_run(stage, chash, run_params, flow_run_id())
     run_dir = layout.run_dir(stage, run_id)

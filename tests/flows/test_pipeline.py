@@ -118,7 +118,10 @@ def test_rerunning_one_stage_takes_the_others_from_the_catalog(first_run):
     assert again.ran == ["stage2"]
     for stage in ("teachers", "capfilt", "stage1"):
         assert again.runs[stage] == first.runs[stage]  # resolved, not re-run
-    assert again.runs["stage2"] != first.runs["stage2"]
+    assert again.runs["stage2"] == first.runs["stage2"]  # finished with these parameters: the result
+    overrides = {**TINY["overrides"], "stage2": {"resume": False}}
+    fresh = pipeline_flow(PipelineParams(home=home, stages=("stage2",), **{**TINY, "overrides": overrides}))
+    assert fresh.ran == ["stage2"] and fresh.runs["stage2"] != first.runs["stage2"]
     with pytest.raises(LookupError, match="'nope' is not a finished stage1 run"):
         pipeline_flow(PipelineParams(home=home, stages=("stage2",), use={"stage1": "nope"}, **TINY))
 

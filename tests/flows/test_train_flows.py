@@ -140,6 +140,13 @@ def test_resume_continues_the_latest_run_with_the_same_config(home, ingested):
     assert {r.run_id: r.status for r in runs} == {first.run_id: "done", second.run_id: "done"}
     assert runs[-1].params["resumes"] == first.run_id
 
+    # The same parameters again: the finished run is the result, no new run (stages after it keep their
+    # inputs, so the pipeline re-run on a finished home trains nothing).
+    again = stage1_flow(stage1_params(home, ingested[1], steps=10, ckpt_every=3))
+    assert again == second
+    with open_catalog(home) as cat:
+        assert [r.run_id for r in cat.runs("stage1")] == [first.run_id, second.run_id]
+
     # resume=False starts over in a new run; a run with another config cannot be continued.
     fresh = stage1_flow(stage1_params(home, ingested[1], steps=2, resume=False, log_every=1))
     assert (fresh.start_step, fresh.resumed_from_run, fresh.step) == (0, None, 2)
