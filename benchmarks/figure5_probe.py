@@ -65,8 +65,8 @@ def llm_loss_at_offsets(llm_dir: str, batches: list[dict]) -> dict[int, float]:
     return losses
 
 
-@torch.no_grad()
-def true_and_shuffled_loss(run_dir: Path, batches: list[dict]) -> dict[str, float]:
+def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, object, Path]:
+    """A finished stage-2 run's model at its last checkpoint (eval mode), its job and that checkpoint."""
     from safetensors.torch import load_file
 
     from blip2_core.checkpoints import WEIGHTS_FILE
@@ -77,30 +77,43 @@ def true_and_shuffled_loss(run_dir: Path, batches: list[dict]) -> dict[str, floa
     last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     missing = model.load_state_dict(load_file(last / WEIGHTS_FILE), strict=False)
     assert not missing.unexpected_keys, missing.unexpected_keys
+    return model, job, last
+
+
+@torch.no_grad()
+def true_and_shuffled_loss(model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
     true = shuffled = 0.0
     for batch in batches:
         rolled = torch.roll(torch.arange(len(batch["captions"])), 1)
         true += model(batch).loss.item()
         shuffled += model({"images": batch["images"][rolled], "captions": batch["captions"]}).loss.item()
     return {
-        "step": int(last.name.split("-")[1]),
-        "stage1_checkpoint": job.stage1_checkpoint,
         "true_images": round(true / len(batches), 4),
         "shuffled_images": round(shuffled / len(batches), 4),
     }
 
 
+def _soft_prompt_inputs(llm, tokenizer, captions: list[str], slots: int):
+    """Caption embeddings, the attention mask and labels with `slots` prompt positions in front, and the
+    scale of the LLM's token embeddings (for initialising prompts)."""
+    from blip2_core.llm_bridge import IGNORE_INDEX, decoder_text_inputs
+
+    text = decoder_text_inputs(tokenizer, captions, None, "\n", 32)
+    embeds = llm.get_input_embeddings()(text.input_ids)  # (B, T, D)
+    b = embeds.shape[0]
+    mask = torch.cat([torch.ones(b, slots, dtype=torch.long), text.attention_mask], 1)
+    labels = torch.cat([torch.full((b, slots), IGNORE_INDEX), text.labels], 1)
+    return text, embeds, mask, labels, llm.get_input_embeddings().weight.std().item()
+
+
 def prompt_steerability(llm_dir: str, captions: list[str], slots: int = 8, steps: int = 150) -> dict:
     """Caption loss of the frozen LLM after `slots` soft-prompt vectors (Adam, lr 0.05) are optimised
     for all captions at once ("shared") and for each caption on its own ("per_caption")."""
-    from blip2_core.llm_bridge import IGNORE_INDEX, decoder_text_inputs, lm_loss, load_llm
+    from blip2_core.llm_bridge import lm_loss, load_llm
 
     llm, tokenizer = load_llm(llm_dir)
-    text = decoder_text_inputs(tokenizer, captions, None, "\n", 32)
-    embeds = llm.get_input_embeddings()(text.input_ids)  # (B, T, D)
-    (b, _, d), scale = embeds.shape, llm.get_input_embeddings().weight.std().item()
-    mask = torch.cat([torch.ones(b, slots, dtype=torch.long), text.attention_mask], 1)
-    labels = torch.cat([torch.full((b, slots), IGNORE_INDEX), text.labels], 1)
+    text, embeds, mask, labels, scale = _soft_prompt_inputs(llm, tokenizer, captions, slots)
+    b, _, d = embeds.shape
 
     def loss(prompt: torch.Tensor) -> torch.Tensor:
         logits = llm(inputs_embeds=torch.cat([prompt.expand(b, slots, d), embeds], 1), attention_mask=mask)
@@ -179,16 +192,13 @@ def _background(caption: str) -> str:
 def background_prompt(llm_dir: str, home: Path, slots: int = 8, steps: int = 200) -> dict:
     """Held-out caption loss (256 of 768 ground-truth captions) after training (Adam, lr 0.05, batch 64) one
     soft prompt for all captions, and one per background colour."""
-    from blip2_core.llm_bridge import IGNORE_INDEX, decoder_text_inputs, lm_loss, load_llm
+    from blip2_core.llm_bridge import lm_loss, load_llm
 
     captions = [r["gt_caption"] for r in _pretrain_rows(home, 768)]
     llm, tokenizer = load_llm(llm_dir)
     llm.requires_grad_(False)
-    text = decoder_text_inputs(tokenizer, captions, None, "\n", 32)
-    embeds = llm.get_input_embeddings()(text.input_ids)  # (B, T, D)
-    (b, _, d), scale = embeds.shape, llm.get_input_embeddings().weight.std().item()
-    mask = torch.cat([torch.ones(b, slots, dtype=torch.long), text.attention_mask], 1)
-    labels = torch.cat([torch.full((b, slots), IGNORE_INDEX), text.labels], 1)
+    _, embeds, mask, labels, scale = _soft_prompt_inputs(llm, tokenizer, captions, slots)
+    b, _, d = embeds.shape
     train, held_out = torch.arange(0, 512), torch.arange(512, b)
 
     def loss(prompts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -217,26 +227,16 @@ def background_prompt(llm_dir: str, home: Path, slots: int = 8, steps: int = 200
 
 
 @torch.no_grad()
-def prompt_knows_background(run_dir: Path, home: Path) -> dict:
+def prompt_knows_background(model: torch.nn.Module, home: Path) -> dict:
     """Held-out accuracy of a linear probe (trained on 450 of 600 images) reading the background colour
-    from the run's projected visual prompt."""
+    from the model's projected visual prompt."""
     from PIL import Image
-    from safetensors.torch import load_file
 
-    from blip2_core.checkpoints import WEIGHTS_FILE
     from blip2_core.data import AugmentConfig, ImageTransform
-    from flows.torchrun_entry import TrainJob, build_model
 
-    job = TrainJob.read(run_dir / "job.json")
-    cfg = job.blip2_config()
-    model = build_model(job, cfg).eval()
-    model.load_state_dict(load_file(sorted((run_dir / "checkpoints").glob("step-*"))[-1] / WEIGHTS_FILE),
-                          strict=False)  # fmt: skip
     rows = _pretrain_rows(home, 600)
-    transform, rng = (
-        ImageTransform(AugmentConfig(image_size=cfg.vision.image_size, train=False)),
-        random.Random(0),
-    )
+    transform = ImageTransform(AugmentConfig(image_size=model.cfg.vision.image_size, train=False))
+    rng = random.Random(0)
     images = torch.stack(
         [transform(Image.open(home / "corpus" / r["path"]).convert("RGB"), rng)[0] for r in rows]
     )
@@ -256,6 +256,16 @@ def prompt_knows_background(run_dir: Path, home: Path) -> dict:
             optimizer.step()
     accuracy = (probe(x[450:]).argmax(1) == y[450:]).float().mean().item()
     return {"accuracy": round(accuracy, 3), "chance": round(1 / len(names), 3)}
+
+
+def run_report(run_dir: Path, batches: list[dict], home: Path) -> dict:
+    model, job, last = load_run_model(run_dir)
+    return {
+        "step": int(last.name.split("-")[1]),
+        "stage1_checkpoint": job.stage1_checkpoint,
+        **true_and_shuffled_loss(model, batches),
+        "prompt_knows_background": prompt_knows_background(model, home),
+    }
 
 
 def teacher_report(home: Path, teachers: list[str]) -> dict:
@@ -290,13 +300,7 @@ def main() -> None:
     report = {
         "llm": llm_dir,
         "llm_loss_at_offset": llm_loss_at_offsets(llm_dir, batches),
-        "stage2_runs": {
-            r.name: {
-                **true_and_shuffled_loss(r, batches),
-                "prompt_knows_background": prompt_knows_background(r, args.home),
-            }
-            for r in runs
-        },
+        "stage2_runs": {r.name: run_report(r, batches, args.home) for r in runs},
     }
     print(json.dumps(report, indent=1))
 
