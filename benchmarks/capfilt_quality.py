@@ -21,6 +21,7 @@ The judge lives here, not in blip2_core, because it reads the corpus' word lists
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -151,6 +152,35 @@ def is_correct(caption: str, gt_caption: str) -> bool:
     )
 
 
+def caption_errors(caption: str, gt_caption: str) -> str:
+    """What a caption gets wrong, for the error breakdown: "ok", "unparsed", "background", "groups" (it names
+    another number of shape groups), or the attributes wrong in the closest reading, joined by "+"."""
+    truth, stated = parse_caption(gt_caption), parse_caption(caption)
+    if truth is None:
+        raise ValueError(f"ground-truth caption does not parse: {gt_caption!r}")
+    if stated is None:
+        return "unparsed"
+    if stated.background not in (None, truth.background):
+        return "background"
+    if len(stated.groups) != len(truth.groups):
+        return "groups"
+    readings = []
+    for order in itertools.permutations(range(len(truth.groups))):
+        wrong = set()
+        for s, j in zip(stated.groups, order, strict=True):
+            t = truth.groups[j]
+            checks = {
+                "count": s.count != t.count,
+                "shape": s.kind != t.kind,
+                "colour": s.colour != t.colour,
+                "size": s.size not in (None, t.size),
+                "position": s.position not in (None, t.position),
+            }
+            wrong |= {name for name, bad in checks.items() if bad}
+        readings.append(wrong)
+    return "+".join(sorted(min(readings, key=len))) or "ok"
+
+
 # ----------------------------------------------------------------------------------------------- benchmark
 
 
@@ -191,12 +221,14 @@ def capfilt_quality(corpus_dir: Path, teachers: object, batch_size: int, seed: i
     records = list(run_capfilt(samples, cfg, load_capfilt_models(cfg)))
     seconds = time.perf_counter() - start
     web, kept, top1, generated, web_kept, oracle, pairs = [], [], [], [], [], [], []
+    errors: collections.Counter[str] = collections.Counter()
     for row, rec in zip(rows, records, strict=True):
         gt = row["gt_caption"]
         web.append(is_correct(row["caption"], gt))
         kept += [is_correct(t, gt) for t in rec.top]
         top1.append(bool(rec.top) and is_correct(rec.top[0], gt))
         generated += [is_correct(t, gt) for t in rec.candidates]
+        errors.update(caption_errors(t, gt) for t in rec.candidates)
         web_kept.append(rec.web_caption in rec.top)
         scored, k = _scored(rec, gt), len(rec.top)
         right = min(k, sum(ok for _, ok in scored))  # a perfect ranker keeps the correct ones first
@@ -211,6 +243,8 @@ def capfilt_quality(corpus_dir: Path, teachers: object, batch_size: int, seed: i
         "web_caption_kept_share": _share(web_kept),
         "perfect_ranker_top2_correct_share": _share(oracle),
         "ranker_pairwise_accuracy": _share(pairs),
+        # Share of the generated candidates by what they get wrong; the eight most common kinds.
+        "generated_errors": {kind: round(n / sum(errors.values()), 4) for kind, n in errors.most_common(8)},
         "capfilt_seconds": round(seconds, 1),
         "example": {"web": rows[0]["caption"], "gt": rows[0]["gt_caption"], "kept": list(records[0].top)},
     }
@@ -224,6 +258,8 @@ def main() -> None:
     parser.add_argument("--n-teacher", type=int, default=4000, help="clean images for the teachers only")
     parser.add_argument("--captioner-steps", type=int, default=None, help="default: CaptionerTeacherConfig's")
     parser.add_argument("--captioner-init-std", type=float, default=None, help="ViT and decoder init std")
+    parser.add_argument("--captioner-position-init-std", type=float, default=None,
+                        help="the captioner ViT's position embedding init std")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)  # 2 threads ran 5x slower on a busy 2-core box
@@ -255,6 +291,9 @@ def main() -> None:
         if args.captioner_init_std is not None:
             std = args.captioner_init_std
             cfg = replace(cfg, captioner=replace(cfg.captioner, vision_init_std=std, text_init_std=std))
+        if args.captioner_position_init_std is not None:
+            std = args.captioner_position_init_std
+            cfg = replace(cfg, captioner=replace(cfg.captioner, position_init_std=std))
         teachers = train_teachers(corpus, out, cfg)
     teacher_seconds = time.perf_counter() - start
     result = capfilt_quality(corpus, teachers, args.batch_size, args.seed)

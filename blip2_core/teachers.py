@@ -100,6 +100,12 @@ class CaptionerTeacherConfig:
     # learns colours (a mean over patches) but not shapes.
     vision_init_std: float = 0.02
     text_init_std: float = 0.02
+    # Std of the ViT's position embedding at init (None: vision_init_std). At 0.1 a patch's position is a
+    # small part of its embedding (the patch projection's output has std about 1.4): after 1,600 steps the
+    # captioner names a lone shape's position no better than chance (0.18; 0.22 trained on 1,540 one-shape
+    # images alone), though it knows its colour. At 2.0 it names it right 0.65 of the time (BENCHMARKS.md,
+    # session 6).
+    position_init_std: float | None = None
 
 
 @dataclass(frozen=True)
@@ -485,6 +491,14 @@ def blip_captioner_config(
     return BlipConfig(text_config=text, vision_config=vision)
 
 
+def init_position_embedding(model: object, std: float) -> None:
+    """Redraw the BLIP ViT's position embedding (class token's included) from N(0, std^2)."""
+    if not std > 0:
+        raise ValueError(f"CaptionerTeacherConfig.position_init_std must be > 0, got {std}")
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.normal_(0.0, std)
+
+
 def captioning_inputs(
     tokenizer: PreTrainedTokenizerBase, captions: list[str], max_len: int
 ) -> tuple[torch.Tensor, ...]:
@@ -529,6 +543,8 @@ def train_captioner(
     processor = BlipProcessor(image_processor=BlipImageProcessor(size=size), tokenizer=tokenizer)
     torch.manual_seed(cfg.seed)
     model = BlipForConditionalGeneration(blip_captioner_config(hp, cfg.image_size, tokenizer))
+    if hp.position_init_std is not None:
+        init_position_embedding(model, hp.position_init_std)
     pixels = processor.image_processor(data.images, return_tensors="pt").pixel_values  # (N, 3, S, S)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
 

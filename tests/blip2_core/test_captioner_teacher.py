@@ -72,3 +72,29 @@ def test_init_std_0_1_lets_the_width_64_vit_attend():
 )
 def test_mirror_caption_swaps_left_and_right_only(caption, mirrored):
     assert T.mirror_caption(caption) == mirrored
+
+
+def test_position_init_std_redraws_only_the_vit_position_embedding(captioner):
+    model = BlipForConditionalGeneration(captioner.config)
+    model.load_state_dict(captioner.state_dict())
+    T.init_position_embedding(model, 2.0)
+    position = model.vision_model.embeddings.position_embedding
+    assert 1.7 < position.std().item() < 2.3
+    before = captioner.state_dict()
+    changed = {name for name, p in model.state_dict().items() if not torch.equal(p, before[name])}
+    assert changed == {"vision_model.embeddings.position_embedding"}
+    with pytest.raises(ValueError, match="position_init_std"):
+        T.init_position_embedding(model, 0.0)
+
+
+def test_train_captioner_starts_from_the_position_init_std(tmp_path):
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "green", "white")]
+    data = T.TeacherData(images, [[text] for text in TEXTS[:4]], [])
+    for std, low, high in ((None, 0.05, 0.15), (2.0, 1.7, 2.3)):
+        hp = dataclasses.replace(HP, steps=1, batch_size=2, warmup_steps=1, position_init_std=std)
+        cfg = T.TeacherConfig(image_size=32, wordpiece_vocab_size=60, log_every=1, captioner=hp)
+        run = T.train_captioner(data, tmp_path / str(std), cfg)
+        trained = BlipForConditionalGeneration.from_pretrained(run.path)
+        assert low < trained.vision_model.embeddings.position_embedding.std().item() < high

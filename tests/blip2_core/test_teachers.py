@@ -265,3 +265,21 @@ def test_judge_agrees_with_the_corpus_caption_kinds(corpus):
     )
     # ... and the reference of a different scene is not.
     assert not judge.is_correct(data.references[1][0], truths[0]) or truths[0] == truths[1]
+
+
+@pytest.mark.parametrize(
+    ("caption", "errors"),
+    [
+        (GT, "ok"),
+        ("a small red star on the left, two large blue circles and a purple square at the top", "colour"),
+        ("a small red star on the right, two large blue circles and a green triangle", "position+shape"),
+        ("a small red star on the left, three large blue circles and a green square", "count"),
+        ("a red star and two blue circles on a white background", "groups"),
+        ("a red star, two blue circles and a green square on a black background", "background"),
+        ("a red star two blue circles and", "unparsed"),
+    ],
+)
+def test_judge_names_what_a_caption_gets_wrong(caption, errors):
+    judge = _load_benchmark()
+    assert judge.caption_errors(caption, GT) == errors
+    assert (errors == "ok") is judge.is_correct(caption, GT)
