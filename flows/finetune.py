@@ -22,7 +22,8 @@
 Resuming (`resume`, as stage 1/2 do): the parameters hash to the run's config hash; a new flow run with
 the same hash continues the newest such run that left a checkpoint (or the `run_id` given): its latest
 checkpoint is hard-linked into the new run's folder, where the trainer resumes it (weights, optimizer,
-schedule, data position, RNG), and a run still 'running' whose process is gone is closed as failed.
+schedule, data position, RNG), and a run still 'running' whose process is gone is closed as failed. A
+finished run whose last checkpoint is already the target step is the result itself: no new run.
 
 On the synthetic corpus (`data_catalog.synth`, folder C, corpus.json "files"):
     caption:   annotations=(C/coco/annotations/captions_train.json,), images=(C,)
@@ -52,6 +53,7 @@ from data_catalog.layout import Layout
 from flows.common import catalog_session, flow_run_id, layout_for, source_lock
 from flows.train import (
     RunReporter,
+    already_finished,
     close_stale_run,
     config_hash,
     find_previous,
@@ -344,6 +346,14 @@ def finetune_flow(params: FinetuneParams) -> FinetuneSummary:
     chash = config_hash(job)
     with catalog_session(layout) as cat:
         previous = find_previous(cat, layout, stage, chash, params)
+        steps = job["train"]["steps"]
+        finished = already_finished(cat, previous, steps, FinetuneSummary) if params.run_id is None else None
+        if finished is not None:
+            get_run_logger().info(
+                "%s: run %s already reached step %d with these parameters; it is the result (start a new "
+                "one with resume=False)", stage, finished.run_id, steps,
+            )  # fmt: skip
+            return finished
         run_params = params.model_dump(mode="json") | {"resumes": previous[0] if previous else None}
         run_id = cat.start_run(stage, chash, run_params, flow_run_id())
     run_dir = layout.run_dir(stage, run_id)

@@ -41,7 +41,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
@@ -67,6 +67,7 @@ from flows.torchrun_entry import EventTail, SourceJob, TrainJob, run_job
 _POLL_S = 1.0
 _LOG_FILE = "log"
 WEB_SUFFIX = ".web"  # the sub-source of a source's shards that have no finished CapFilt sidecar
+SummaryT = TypeVar("SummaryT", bound=BaseModel)
 
 
 # --- parameters and summary ------------------------------------------------------------------------
@@ -442,7 +443,9 @@ def find_previous(
     return None
 
 
-def _already_finished(cat: Catalog, previous: tuple[str, Path] | None, steps: int) -> TrainSummary | None:
+def already_finished(
+    cat: Catalog, previous: tuple[str, Path] | None, steps: int, summary_type: type[SummaryT]
+) -> SummaryT | None:
     """The summary of `previous` when it is a finished run whose last checkpoint is the target step: running
     again would only copy it under a new run id (and give every stage after it new inputs)."""
     if previous is None or not previous[1].name.startswith("step-"):
@@ -451,8 +454,8 @@ def _already_finished(cat: Catalog, previous: tuple[str, Path] | None, steps: in
     if rec is None or rec.status != "done" or int(previous[1].name.removeprefix("step-")) != steps:
         return None
     try:
-        return TrainSummary.model_validate(rec.summary)
-    except ValueError:  # a summary from an older version of this module: run as before
+        return summary_type.model_validate(rec.summary)
+    except ValueError:  # a summary from an older version of its module: run as before
         return None
 
 
@@ -636,7 +639,7 @@ def run_training(stage: str, params: TrainParams) -> TrainSummary:
         plan = plan_job(stage, params, cfg, sources, **_model_inputs(cat, layout, stage, params, cfg))
         chash = config_hash(plan)
         previous = find_previous(cat, layout, stage, chash, params)
-        finished = _already_finished(cat, previous, steps) if params.run_id is None else None
+        finished = already_finished(cat, previous, steps, TrainSummary) if params.run_id is None else None
         if finished is not None:
             get_run_logger().info(
                 "%s: run %s already reached step %d with these parameters; it is the result (start a new "

@@ -98,6 +98,17 @@ def test_retrieval_finetune_uses_same_image_targets(built, home):
     weights = load_file(Path(summary.last_checkpoint) / "model.safetensors")
     assert "itm_head.weight" in weights and "visual_encoder.visual.conv1.weight" in weights
 
+    # The same parameters again: the finished run is the result (no new run, its checkpoint untouched);
+    # resume=False trains a new one.
+    again = finetune_flow(params(built, home, "retrieval"))
+    assert again == summary
+    with open_catalog(home) as cat:
+        assert [r.run_id for r in cat.runs("finetune-retrieval")] == [summary.run_id]
+    fresh = finetune_flow(params(built, home, "retrieval", resume=False))
+    assert fresh.run_id != summary.run_id and fresh.start_step == 0 and fresh.resumed_from_run is None
+    with open_catalog(home) as cat:
+        assert [r.run_id for r in cat.runs("finetune-retrieval")] == [summary.run_id, fresh.run_id]
+
 
 def test_clear_errors_before_any_run(built, home):
     with pytest.raises(ValueError, match="is a 'stage1' run"):
