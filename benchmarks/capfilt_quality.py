@@ -12,8 +12,11 @@ Prints one JSON line: the share of correct captions among the raw web captions a
 ranker would keep from the same candidates, and the ranker's pairwise accuracy: the share of (correct, wrong)
 caption pairs of one image that it scores in the right order).
 
-    python benchmarks/capfilt_quality.py                       # 1,000 pretrain images, default teachers
-    python benchmarks/capfilt_quality.py --teachers DIR        # reuse (or write) teachers in DIR
+    python benchmarks/capfilt_quality.py                  # 1,000 pretrain images, the "capfilt" teachers
+    python benchmarks/capfilt_quality.py --profile demo   # the demo's (few-minute) teachers instead
+    python benchmarks/capfilt_quality.py --workdir DIR    # keep (or reuse) the corpus and teachers in DIR
+
+The "capfilt" teachers train for about 20 CPU minutes on the corpus' 4,000-image teacher set.
 
 The judge lives here, not in blip2_core, because it reads the corpus' word lists from data_catalog.synth.
 """
@@ -256,7 +259,10 @@ def main() -> None:
     parser.add_argument("--n-coco", type=int, default=1000)
     parser.add_argument("--n-vqa", type=int, default=1000)
     parser.add_argument("--n-teacher", type=int, default=4000, help="clean images for the teachers only")
-    parser.add_argument("--captioner-steps", type=int, default=None, help="default: CaptionerTeacherConfig's")
+    parser.add_argument("--profile", choices=("capfilt", "demo"), default="capfilt",
+                        help="teacher configuration (blip2_core.teachers.TEACHER_PROFILES); the options "
+                             "below apply on top of it")  # fmt: skip
+    parser.add_argument("--captioner-steps", type=int, default=None, help="default: the profile's")
     parser.add_argument("--captioner-init-std", type=float, default=None, help="ViT and decoder init std")
     parser.add_argument("--captioner-position-init-std", type=float, default=None,
                         help="the captioner ViT's position embedding init std")  # fmt: skip
@@ -268,7 +274,7 @@ def main() -> None:
 
     import torch
 
-    from blip2_core.teachers import CLIP_MODEL_NAME, TeacherConfig, TeacherPaths, train_teachers
+    from blip2_core.teachers import CLIP_MODEL_NAME, TeacherPaths, teacher_profile, train_teachers
     from data_catalog.synth import SynthConfig, synthesize
 
     torch.set_num_threads(args.threads)
@@ -285,7 +291,7 @@ def main() -> None:
         teachers = TeacherPaths(clip / f"{CLIP_MODEL_NAME}.json", clip / f"{CLIP_MODEL_NAME}.safetensors",
                                 out / "captioner", out / "opt", out / "t5", out / "tokenizers")  # fmt: skip
     else:
-        cfg = TeacherConfig(seed=args.seed)
+        cfg = teacher_profile(args.profile, args.seed)
         if args.captioner_steps is not None:
             cfg = replace(cfg, captioner=replace(cfg.captioner, steps=args.captioner_steps))
         if args.captioner_init_std is not None:
@@ -301,7 +307,9 @@ def main() -> None:
         name: json.loads((out / name / "teacher.json").read_text())["seconds"]
         for name in ("clip", "captioner", "opt", "t5")
     }
-    result["teachers_total_seconds"] = round(teacher_seconds, 1)
+    result["teachers_total_seconds"] = round(teacher_seconds, 1)  # 0 when the workdir's teachers were reused
+    logs = {name: json.loads((out / name / "teacher.json").read_text()) for name in ("clip", "captioner")}
+    result["teacher_configs"] = {name: log["config"] for name, log in logs.items()}
     print(json.dumps(result))
 
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
@@ -38,6 +39,12 @@ class TeachersParams(BaseModel):
 
     corpus: Path | None = Field(None, description="synthetic corpus folder; default <home>/corpus")
     seed: int = 0
+    profile: Literal["demo", "capfilt"] = Field(
+        "demo",
+        description="named teacher configuration (blip2_core.teachers.TEACHER_PROFILES): 'demo', a few CPU "
+        "minutes; 'capfilt', a captioner and ranker with which CapFilt raises the share of correct captions "
+        "(about 20 CPU minutes; wants the corpus' teacher set)",
+    )
     clip_steps: int | None = Field(None, ge=1)
     captioner_steps: int | None = Field(None, ge=1)
     lm_steps: int | None = Field(None, ge=1, description="OPT and T5 steps each")
@@ -63,10 +70,10 @@ class TeachersSummary(BaseModel):
 
 
 def teacher_config(params: TeachersParams):
-    """The library's TeacherConfig with the step overrides of `params`."""
-    from blip2_core.teachers import TeacherConfig
+    """The named TeacherConfig (`params.profile`) with the step overrides of `params`."""
+    from blip2_core.teachers import teacher_profile
 
-    cfg = TeacherConfig(seed=params.seed)
+    cfg = teacher_profile(params.profile, params.seed)
     steps = {"clip": params.clip_steps, "captioner": params.captioner_steps}
     steps |= {"opt": params.lm_steps, "t5": params.lm_steps}
     changes = {
@@ -76,10 +83,20 @@ def teacher_config(params: TeachersParams):
 
 
 def config_hash(cfg, corpus_dir: Path) -> str:
-    """What determines the teachers: their config and the corpus' config (a pure function of the corpus)."""
+    """What determines the teachers: their config (a TeacherConfig or its asdict) and the corpus' config (a
+    pure function of the corpus)."""
     corpus = json.loads((corpus_dir / "corpus.json").read_text(encoding="utf-8"))
-    key = {"teachers": dataclasses.asdict(cfg), "corpus": corpus["config"], "format": 1}
+    teachers = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    key = {"teachers": _set_options(teachers), "corpus": corpus["config"], "format": 1}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_options(value: object) -> object:
+    """`value` without its unset (None) options: an option added later, left unset, keeps the hash of the
+    teachers trained before it existed (no config had a None field until then)."""
+    if isinstance(value, dict):
+        return {k: _set_options(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _summary(run_id: str, folder: Path, cached: bool) -> TeachersSummary:

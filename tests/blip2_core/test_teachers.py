@@ -283,3 +283,15 @@ def test_judge_names_what_a_caption_gets_wrong(caption, errors):
     judge = _load_benchmark()
     assert judge.caption_errors(caption, GT) == errors
     assert (errors == "ok") is judge.is_correct(caption, GT)
+
+
+def test_clip_starts_from_the_position_init_std(corpus, tmp_path):
+    data = T.load_teacher_data(corpus)
+    for std, low, high in ((None, 0.08, 0.2), (2.0, 1.7, 2.3)):  # open_clip's own: width ** -0.5 = 0.125
+        cfg = dataclasses.replace(TINY, clip=dataclasses.replace(TINY.clip, steps=1, position_init_std=std))
+        run = T.train_clip(data, tmp_path / str(std), cfg)
+        weights = load_file(str(run.path / f"{T.CLIP_MODEL_NAME}.safetensors"))
+        assert low < weights["visual.positional_embedding"].std().item() < high
+    bad = dataclasses.replace(TINY, clip=dataclasses.replace(TINY.clip, steps=1, position_init_std=-1.0))
+    with pytest.raises(ValueError, match=r"ClipTeacherConfig.position_init_std must be > 0, got -1.0"):
+        T.train_clip(data, tmp_path / "bad", bad)

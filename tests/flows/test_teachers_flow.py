@@ -3,6 +3,7 @@ the training stages load, records the run and its loss curves in the catalog, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -69,3 +70,28 @@ def test_teachers_flow_trains_once_and_writes_the_miniature_preset(prefect_harne
 def test_teachers_flow_names_a_missing_corpus(prefect_harness, tmp_path):
     with pytest.raises(FileNotFoundError, match="no corpus.json"):
         teachers_flow(TeachersParams(corpus=tmp_path / "nothing", home=tmp_path / "home", **STEPS))
+
+
+def test_profiles_name_the_teacher_configuration(corpus):
+    from pydantic import ValidationError
+
+    from blip2_core import teachers as T
+    from flows.teachers import config_hash, teacher_config
+
+    demo = teacher_config(TeachersParams(seed=3))
+    assert demo == T.TeacherConfig(seed=3)
+    capfilt = teacher_config(TeachersParams(profile="capfilt", seed=3, captioner_steps=7))
+    assert capfilt.seed == 3 and capfilt.captioner.steps == 7  # step overrides apply on top of the profile
+    assert capfilt.captioner.position_init_std == capfilt.clip.position_init_std == 2.0
+    assert capfilt.clip.steps == T.TEACHER_PROFILES["capfilt"].clip.steps > demo.clip.steps
+    with pytest.raises(ValidationError, match="profile"):
+        TeachersParams(profile="best")
+    with pytest.raises(ValueError, match="unknown teacher profile 'best'"):
+        T.teacher_profile("best")
+    # Set, the position options change the hash (other teachers). Unset, they leave it as it was before
+    # they existed (a config without the fields), so teachers already on disk stay valid.
+    assert config_hash(capfilt, corpus) != config_hash(demo, corpus)
+    older = dataclasses.asdict(demo)
+    for part in ("clip", "captioner"):
+        del older[part]["position_init_std"]
+    assert config_hash(older, corpus) == config_hash(demo, corpus)
