@@ -249,7 +249,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.pipeline import PipelineParams
 
     fields = {
-        k: getattr(args, k) for k in ("seed", "n_pretrain", "home", "threads") if getattr(args, k) is not None
+        k: getattr(args, k)
+        for k in ("seed", "n_pretrain", "n_teacher", "home", "threads")
+        if getattr(args, k, None) is not None
     }
     if getattr(args, "only", None):
         fields["stages"] = tuple(args.only)
@@ -463,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--seed", type=int)
         p.add_argument("--n-pretrain", type=int, help="pretraining images of the synthetic corpus")
+        p.add_argument(
+            "--n-teacher", type=int, help="clean images for the teachers only (capfilt profile: 4000)"
+        )
         p.add_argument("--threads", type=int, help="torch CPU threads")
         p.add_argument(
             "--only",

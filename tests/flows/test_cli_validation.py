@@ -66,3 +66,9 @@ def test_train_numbers_weights_preset_and_folders(capsys, home, tmp_path, prefec
     code, err = run(capsys, [*base, "--source", "web", "--tokenizer", str(tmp_path / "no-tokenizer")])
     assert_refused(code, err, "tokenizer:", "not an existing folder")
     assert not home.exists()
+
+
+def test_demo_takes_the_teacher_set_size(capsys, home):
+    code, err = run(capsys, ["demo", "--n-teacher", "-1", "--home", str(home)])
+    assert_refused(code, err, "n_teacher", "greater than or equal to 0")
+    assert not home.exists()
