@@ -347,12 +347,8 @@ def finetune_flow(params: FinetuneParams) -> FinetuneSummary:
     with catalog_session(layout) as cat:
         previous = find_previous(cat, layout, stage, chash, params)
         steps = job["train"]["steps"]
-        finished = already_finished(cat, previous, steps, FinetuneSummary) if params.run_id is None else None
+        finished = already_finished(cat, stage, params, previous, steps, FinetuneSummary)
         if finished is not None:
-            get_run_logger().info(
-                "%s: run %s already reached step %d with these parameters; it is the result (start a new "
-                "one with resume=False)", stage, finished.run_id, steps,
-            )  # fmt: skip
             return finished
         run_params = params.model_dump(mode="json") | {"resumes": previous[0] if previous else None}
         run_id = cat.start_run(stage, chash, run_params, flow_run_id())

@@ -444,19 +444,26 @@ def find_previous(
 
 
 def already_finished(
-    cat: Catalog, previous: tuple[str, Path] | None, steps: int, summary_type: type[SummaryT]
-) -> SummaryT | None:
-    """The summary of `previous` when it is a finished run whose last checkpoint is the target step: running
-    again would only copy it under a new run id (and give every stage after it new inputs)."""
-    if previous is None or not previous[1].name.startswith("step-"):
+    cat: Catalog, stage: str, params: BaseModel, previous: tuple[str, Path] | None, steps: int,
+    summary_type: type[SummaryT],
+) -> SummaryT | None:  # fmt: skip
+    """The summary of `previous` when it is a finished run whose last checkpoint is the target step (and no
+    `run_id` was asked for): running again would only copy it under a new run id (and give every stage
+    after it new inputs)."""
+    if params.run_id is not None or previous is None or not previous[1].name.startswith("step-"):
         return None
     rec = cat.run(previous[0])
     if rec is None or rec.status != "done" or int(previous[1].name.removeprefix("step-")) != steps:
         return None
     try:
-        return summary_type.model_validate(rec.summary)
+        summary = summary_type.model_validate(rec.summary)
     except ValueError:  # a summary from an older version of its module: run as before
         return None
+    get_run_logger().info(
+        "%s: run %s already reached step %d with these parameters; it is the result (start a new one with "
+        "resume=False)", stage, rec.run_id, steps,
+    )  # fmt: skip
+    return summary
 
 
 def close_stale_run(cat: Catalog, layout: Layout, stage: str, run_id: str, successor: str) -> None:
@@ -639,12 +646,8 @@ def run_training(stage: str, params: TrainParams) -> TrainSummary:
         plan = plan_job(stage, params, cfg, sources, **_model_inputs(cat, layout, stage, params, cfg))
         chash = config_hash(plan)
         previous = find_previous(cat, layout, stage, chash, params)
-        finished = already_finished(cat, previous, steps, TrainSummary) if params.run_id is None else None
+        finished = already_finished(cat, stage, params, previous, steps, TrainSummary)
         if finished is not None:
-            get_run_logger().info(
-                "%s: run %s already reached step %d with these parameters; it is the result (start a new "
-                "one with resume=False)", stage, finished.run_id, steps,
-            )  # fmt: skip
             return finished
         run_params = params.model_dump(mode="json") | {"resumes": previous[0] if previous else None}
         run_id = cat.start_run(stage, chash, run_params, flow_run_id())
