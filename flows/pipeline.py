@@ -20,11 +20,11 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from flows.common import artifact_key, catalog_session, layout_for
 
@@ -88,6 +88,42 @@ class PipelineParams(BaseModel):
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
         return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _valid_fields(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Each override names a parameter of its stage with a valid value; checked before any stage runs."""
+        for stage, fields in value.items():
+            model = _params_model(stage)
+            for name, field_value in fields.items():
+                info = model.model_fields.get(name)
+                if info is None:
+                    raise ValueError(
+                        f"{stage}.{name}: no such parameter; {stage} has {sorted(model.model_fields)}"
+                    )
+                annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+                try:
+                    TypeAdapter(annotation).validate_python(field_value)
+                except ValidationError as err:
+                    problem = err.errors()[0]["msg"]
+                    raise ValueError(f"{stage}.{name}={field_value!r}: {problem}") from None
+        return value
+
+
+def _params_model(stage: str) -> type[BaseModel]:
+    """The params model of a pipeline stage (imported lazily, as the stages themselves are)."""
+    from flows.capfilt import CapFiltParams
+    from flows.demo import CorpusIngestParams
+    from flows.evaluate import EvaluateParams
+    from flows.finetune import FinetuneParams
+    from flows.reports import ReportParams
+    from flows.teachers import TeachersParams
+    from flows.train import Stage1Params, Stage2Params
+
+    models = {"ingest": CorpusIngestParams, "teachers": TeachersParams, "capfilt": CapFiltParams,
+              "stage1": Stage1Params, "stage2": Stage2Params, "figure5": Stage2Params,
+              "finetune": FinetuneParams, "evaluate": EvaluateParams, "report": ReportParams}  # fmt: skip
+    return models[stage]
 
 
 class MetricRow(BaseModel):

@@ -72,3 +72,18 @@ def test_demo_takes_the_teacher_set_size(capsys, home):
     code, err = run(capsys, ["demo", "--n-teacher", "-1", "--home", str(home)])
     assert_refused(code, err, "n_teacher", "greater than or equal to 0")
     assert not home.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("teachers.profile=best", "teachers.profile='best': Input should be 'demo' or 'capfilt'"),
+        ("stage1.stepz=3", "stage1.stepz: no such parameter"),
+        ("stage1.steps=0", "stage1.steps=0: Input should be greater than or equal to 1"),
+        ('capfilt.sampling={"top_p": 2}', "capfilt.sampling="),
+    ],
+)
+def test_demo_checks_stage_overrides_before_any_work(capsys, home, override, named):
+    code, err = run(capsys, ["demo", "--set", override, "--home", str(home)])
+    assert_refused(code, err, named)
+    assert not home.exists()  # not even the corpus of the first stage
