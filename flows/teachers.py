@@ -124,6 +124,14 @@ def teachers_flow(params: TeachersParams) -> TeachersSummary:
     corpus_dir = Path(params.corpus or layout.home / "corpus").resolve()
     _check_corpus(corpus_dir)
     cfg = teacher_config(params)
+    n_teacher = json.loads((corpus_dir / "corpus.json").read_text(encoding="utf-8"))["config"].get(
+        "n_teacher", 0
+    )
+    if params.profile == "capfilt" and not n_teacher:
+        logger.warning(
+            "teachers: the capfilt profile on a corpus without a teacher set trains on the COCO train images "
+            "alone, which its captioner memorises; synthesize the corpus with a teacher set (n_teacher 4000)"
+        )
     chash = config_hash(cfg, corpus_dir)
     folder = layout.home / "teachers" / chash
     with catalog_session(layout) as cat:

@@ -95,3 +95,14 @@ def test_profiles_name_the_teacher_configuration(corpus):
     for part in ("clip", "captioner"):
         del older[part]["position_init_std"]
     assert config_hash(older, corpus) == config_hash(demo, corpus)
+
+
+def test_capfilt_profile_without_a_teacher_set_is_warned_about(prefect_harness, tmp_path, corpus, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    params = TeachersParams(corpus=corpus, home=tmp_path / "home", threads=1, profile="capfilt", **STEPS)
+    summary = teachers_flow(params)
+    assert "capfilt profile on a corpus without a teacher set" in caplog.text
+    log = json.loads((summary.folder / "captioner" / "teacher.json").read_text())
+    assert log["config"]["position_init_std"] == 2.0 and log["config"]["steps"] == STEPS["captioner_steps"]
