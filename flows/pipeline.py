@@ -16,6 +16,7 @@ e.g. {"stage1": {"steps": 600}, "capfilt": {"batch_size": 32}}.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections import Counter
@@ -110,20 +111,23 @@ class PipelineParams(BaseModel):
         return value
 
 
-def _params_model(stage: str) -> type[BaseModel]:
-    """The params model of a pipeline stage (imported lazily, as the stages themselves are)."""
-    from flows.capfilt import CapFiltParams
-    from flows.demo import CorpusIngestParams
-    from flows.evaluate import EvaluateParams
-    from flows.finetune import FinetuneParams
-    from flows.reports import ReportParams
-    from flows.teachers import TeachersParams
-    from flows.train import Stage1Params, Stage2Params
+_PARAMS_MODELS = {
+    "ingest": ("flows.demo", "CorpusIngestParams"),
+    "teachers": ("flows.teachers", "TeachersParams"),
+    "capfilt": ("flows.capfilt", "CapFiltParams"),
+    "stage1": ("flows.train", "Stage1Params"),
+    "stage2": ("flows.train", "Stage2Params"),
+    "figure5": ("flows.train", "Stage2Params"),
+    "finetune": ("flows.finetune", "FinetuneParams"),
+    "evaluate": ("flows.evaluate", "EvaluateParams"),
+    "report": ("flows.reports", "ReportParams"),
+}
 
-    models = {"ingest": CorpusIngestParams, "teachers": TeachersParams, "capfilt": CapFiltParams,
-              "stage1": Stage1Params, "stage2": Stage2Params, "figure5": Stage2Params,
-              "finetune": FinetuneParams, "evaluate": EvaluateParams, "report": ReportParams}  # fmt: skip
-    return models[stage]
+
+def _params_model(stage: str) -> type[BaseModel]:
+    """The params model of a pipeline stage (its module imported lazily, as the stages themselves are)."""
+    module, name = _PARAMS_MODELS[stage]
+    return getattr(importlib.import_module(module), name)
 
 
 class MetricRow(BaseModel):

@@ -87,3 +87,14 @@ def test_demo_checks_stage_overrides_before_any_work(capsys, home, override, nam
     code, err = run(capsys, ["demo", "--set", override, "--home", str(home)])
     assert_refused(code, err, named)
     assert not home.exists()  # not even the corpus of the first stage
+
+
+def test_every_stage_override_is_checked_against_that_stage(tmp_path):
+    from pydantic import ValidationError
+
+    from flows.pipeline import STAGES, PipelineParams
+
+    for stage in STAGES:
+        PipelineParams(overrides={stage: {"home": str(tmp_path)}})  # every stage's params have a home
+        with pytest.raises(ValidationError, match=rf"{stage}\.nope: no such parameter"):
+            PipelineParams(overrides={stage: {"nope": 1}})
