@@ -33,6 +33,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -308,17 +309,59 @@ def _write_log(folder: Path, name: str, cfg: object, losses: list[float], second
 # ----------------------------------------------------------------------------------------------- tokenizers
 
 
-def train_wordpiece(texts: list[str], vocab_size: int) -> BertTokenizerFast:
-    """A BERT-style uncased WordPiece tokenizer with BLIP's [DEC] (its BOS), as BertTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+def wordpiece_vocab(words: Counter[str], vocab_size: int, specials: tuple[str, ...]) -> dict[str, int]:
+    """WordPiece vocabulary from word counts, the same in every process.
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    Starts from the characters ("c" first in a word, "##c" after), then adds the most frequent adjacent
+    pair until `vocab_size` (or no pair is left), breaking ties by the pair's text. The `tokenizers`
+    trainer breaks ties in hash order, which Rust seeds per process: two fresh homes trained from the same
+    captions got different pieces and ids, so their CapFilt and stage runs differed.
+    """
+    pieces = {word: [word[0]] + ["##" + c for c in word[1:]] for word in sorted(words) if word}
+    vocab = list(specials) + sorted({p for split in pieces.values() for p in split} - set(specials))
+    known = set(vocab)
+    while len(vocab) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, split in pieces.items():
+            for pair in zip(split, split[1:]):
+                pairs[pair] += words[word]
+        if not pairs:
+            break
+        (left, right), _ = min(pairs.items(), key=lambda item: (-item[1], item[0]))
+        merged = left + right.removeprefix("##")
+        for word, split in pieces.items():
+            out, i = [], 0
+            while i < len(split):
+                if i + 1 < len(split) and split[i] == left and split[i + 1] == right:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(split[i])
+                    i += 1
+            pieces[word] = out
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+    return {token: i for i, token in enumerate(vocab)}
+
+
+def train_wordpiece(texts: list[str], vocab_size: int) -> BertTokenizerFast:
+    """A BERT-style uncased WordPiece tokenizer with BLIP's [DEC] (its BOS), as BertTokenizerFast.
+
+    Deterministic: the same texts give the same pieces and ids in every process (`wordpiece_vocab`).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    vocab = wordpiece_vocab(words, vocab_size, BLIP_SPECIALS)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BLIP_SPECIALS))
-    tok.train_from_iterator(texts, trainer)
-    vocab = tok.get_vocab()
     tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
     return BertTokenizerFast(
         tokenizer_object=tok,

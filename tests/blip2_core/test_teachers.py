@@ -137,6 +137,43 @@ def test_tokenizers_have_the_model_layouts(trained):
     assert len(opt) <= TINY.bpe_vocab_size and len(wordpiece) <= TINY.wordpiece_vocab_size
 
 
+def test_wordpiece_vocab_merges_the_most_frequent_pair_and_breaks_ties_by_text():
+    from collections import Counter
+
+    vocab = T.wordpiece_vocab(Counter({"abab": 3, "ba": 1, "cd": 1}), 12, ("[PAD]", "[UNK]"))
+    tokens = sorted(vocab, key=vocab.get)
+    # specials, the alphabet ("x" first in a word, "##x" after), then the merges. "abab" = a ##b ##a ##b: three
+    # pairs count 3 each, and the text decides ("##a" "##b" first); then "##b" "##ab" before "a" "##b"; then
+    # "a" "##bab"; the two pairs that count 1 last, "b" "##a" before "c" "##d" (the vocabulary is full).
+    assert tokens == [
+        "[PAD]", "[UNK]", "##a", "##b", "##d", "a", "b", "c", "##ab", "##bab", "abab", "ba",
+    ]  # fmt: skip
+    assert list(vocab.values()) == list(range(len(vocab)))
+    assert len(T.wordpiece_vocab(Counter({"abab": 3}), 100, ())) == 6  # stops when every word is one piece
+
+
+def test_wordpiece_tokenizer_is_the_same_in_every_process(corpus, tmp_path):
+    """The `tokenizers` trainer broke ties in per-process hash order: fresh homes got different vocabularies."""
+    import subprocess
+
+    texts = T.load_teacher_data(corpus).texts
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    script = (
+        "import json, sys; from blip2_core.teachers import train_wordpiece; "
+        "texts = json.load(open(sys.argv[1])); train_wordpiece(texts, 300).save_pretrained(sys.argv[2])"
+    )
+    for i in range(2):
+        subprocess.run([sys.executable, "-c", script, tmp_path / "texts.json", tmp_path / str(i)], check=True, cwd=ROOT)
+    saved = [(tmp_path / str(i) / "tokenizer.json").read_bytes() for i in range(2)]
+    assert saved[0] == saved[1]
+    tokenizer = T.train_wordpiece(texts, 300)
+    assert json.loads(saved[0])["model"]["vocab"] == dict(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+    ids = tokenizer(texts[0]).input_ids
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == texts[0].lower()
+    assert tokenizer.unk_token_id not in ids
+
+
 def test_clip_loads_as_ranker_and_as_tiny_image_encoder(trained):
     from blip2_core.vision import VisionEncoder
 
