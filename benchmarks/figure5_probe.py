@@ -20,9 +20,15 @@ Reads a finished demo home (read only) and prints two diagnostics as JSON:
    held-out caption loss after one optimised prompt for all captions and after one per background colour
    (an oracle that knows only the background: what that fact is worth to this LLM, in nats per token).
 
+4. With `--vision`, instead: what the frozen image encoder's tokens tell a linear read-out about each
+   image's ground-truth caption (`vision_words`): per content word (colours, shapes, counts, sizes,
+   positions), the held-out balanced accuracy of a ridge probe (word present or not) on the mean of the
+   tokens and on all tokens; 0.5 is chance. A stage-2 bridge can only pass on what these tokens hold.
+
     .venv/bin/python benchmarks/figure5_probe.py var            # a demo home
     .venv/bin/python benchmarks/figure5_probe.py var --batches 4
     .venv/bin/python benchmarks/figure5_probe.py var --teacher var/teachers/<hash>/opt
+    .venv/bin/python benchmarks/figure5_probe.py var --vision    # the preset's image encoder
 """
 
 from __future__ import annotations
@@ -258,6 +264,64 @@ def prompt_knows_background(model: torch.nn.Module, home: Path) -> dict:
     return {"accuracy": round(accuracy, 3), "chance": round(1 / len(names), 3)}
 
 
+WORD_GROUPS = {
+    "colour": ("red", "green", "blue", "yellow", "orange", "purple", "white", "black"),
+    "shape": ("circle", "square", "triangle", "rectangle", "star"),
+    "count": ("two", "three"),
+    "size": ("small", "large"),
+    "position": ("left", "right", "top", "bottom", "center"),
+}
+
+
+def _balanced_accuracy(score: torch.Tensor, truth: torch.Tensor) -> float:
+    """Of a score thresholded half-way between the two classes' mean scores."""
+    pos, neg = truth, ~truth
+    threshold = 0.5 * (score[pos].mean() + score[neg].mean())
+    return 0.5 * ((score[pos] > threshold).float().mean() + (score[neg] <= threshold).float().mean()).item()
+
+
+@torch.no_grad()
+def vision_words(home: Path, count: int = 1200, held_out: int = 400) -> dict:
+    """Balanced accuracy of ridge probes reading each content word of the ground-truth caption from the
+    frozen image encoder's tokens (the preset's `vision` section, after ln_vision's input: raw tokens).
+    A word counts once whatever its form ("circles" is "circle")."""
+    from PIL import Image
+
+    from blip2_core.data import AugmentConfig, ImageTransform
+    from blip2_core.stage2 import build_visual_encoder
+    from flows.torchrun_entry import TrainJob
+
+    runs = [p for stage in ("stage2", "stage1") for p in sorted((home / "runs" / stage).glob("*/job.json"))]
+    if not runs:
+        raise SystemExit(f"no stage-1 or stage-2 run under {home}/runs to read the preset from")
+    cfg = TrainJob.read(runs[0]).blip2_config()
+    encoder = build_visual_encoder(cfg).eval()
+    rows = _pretrain_rows(home, count)
+    transform = ImageTransform(AugmentConfig(image_size=cfg.vision.image_size, train=False))
+    rng = random.Random(0)
+    images = [transform(Image.open(home / "corpus" / r["path"]).convert("RGB"), rng)[0] for r in rows]
+    # (N, S, W) tokens of each image, 100 images at a time
+    tokens = torch.cat([encoder(torch.stack(images[i : i + 100])) for i in range(0, len(rows), 100)])
+    words = [set(re.sub(r"s\b", "", r["gt_caption"]).split()) for r in rows]  # plural -> singular
+    out = {}
+    train, test = slice(0, len(rows) - held_out), slice(len(rows) - held_out, len(rows))
+    for name, x, ridge in (("mean_token", tokens.mean(1), 10.0), ("all_tokens", tokens.flatten(1), 1000.0)):
+        x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+        gram = x[train].T @ x[train] + ridge * torch.eye(x.shape[1])
+        groups = {}
+        for group, vocabulary in WORD_GROUPS.items():
+            scores = {}
+            for word in vocabulary:
+                y = torch.tensor([word in w for w in words])
+                if y[train].sum() < 10 or y[test].sum() < 5:
+                    continue
+                weight = torch.linalg.solve(gram, x[train].T @ (y[train].float() - y[train].float().mean()))
+                scores[word] = round(_balanced_accuracy(x[test] @ weight, y[test]), 3)
+            groups[group] = {"mean": round(sum(scores.values()) / max(len(scores), 1), 3), "words": scores}
+        out[name] = groups
+    return {"encoder": cfg.vision.pretrained, "images": len(rows), "held_out": held_out, **out}
+
+
 def run_report(run_dir: Path, batches: list[dict], home: Path) -> dict:
     model, job, last = load_run_model(run_dir)
     return {
@@ -284,8 +348,12 @@ def main() -> None:
     parser.add_argument("home", type=Path, help="a demo home (var/) with finished stage-2 runs")
     parser.add_argument("--batches", type=int, default=6, help="batches of the stage-2 batch size")
     parser.add_argument("--teacher", action="append", help="probe this OPT teacher folder instead (3.)")
+    parser.add_argument("--vision", action="store_true", help="probe the frozen image encoder instead (4.)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.vision:
+        print(json.dumps(vision_words(args.home), indent=1))
+        return
     if args.teacher:
         print(json.dumps(teacher_report(args.home, args.teacher), indent=1))
         return

@@ -142,9 +142,9 @@ def test_wordpiece_vocab_merges_the_most_frequent_pair_and_breaks_ties_by_text()
 
     vocab = T.wordpiece_vocab(Counter({"abab": 3, "ba": 1, "cd": 1}), 12, ("[PAD]", "[UNK]"))
     tokens = sorted(vocab, key=vocab.get)
-    # specials, the alphabet ("x" first in a word, "##x" after), then the merges. "abab" = a ##b ##a ##b: three
-    # pairs count 3 each, and the text decides ("##a" "##b" first); then "##b" "##ab" before "a" "##b"; then
-    # "a" "##bab"; the two pairs that count 1 last, "b" "##a" before "c" "##d" (the vocabulary is full).
+    # specials, the alphabet ("x" first in a word, "##x" after), then the merges. "abab" = a ##b ##a ##b:
+    # three pairs count 3 each, and the text decides ("##a" "##b" first); then "##b" "##ab" before "a" "##b";
+    # then "a" "##bab"; of the pairs that count 1, "b" "##a" before "c" "##d" (the vocabulary is full).
     assert tokens == [
         "[PAD]", "[UNK]", "##a", "##b", "##d", "a", "b", "c", "##ab", "##bab", "abab", "ba",
     ]  # fmt: skip
@@ -153,7 +153,7 @@ def test_wordpiece_vocab_merges_the_most_frequent_pair_and_breaks_ties_by_text()
 
 
 def test_wordpiece_tokenizer_is_the_same_in_every_process(corpus, tmp_path):
-    """The `tokenizers` trainer broke ties in per-process hash order: fresh homes got different vocabularies."""
+    """The `tokenizers` trainer broke ties in per-process hash order: fresh homes got other vocabularies."""
     import subprocess
 
     texts = T.load_teacher_data(corpus).texts
@@ -163,11 +163,12 @@ def test_wordpiece_tokenizer_is_the_same_in_every_process(corpus, tmp_path):
         "texts = json.load(open(sys.argv[1])); train_wordpiece(texts, 300).save_pretrained(sys.argv[2])"
     )
     for i in range(2):
-        subprocess.run([sys.executable, "-c", script, tmp_path / "texts.json", tmp_path / str(i)], check=True, cwd=ROOT)
+        command = [sys.executable, "-c", script, tmp_path / "texts.json", tmp_path / str(i)]
+        subprocess.run(command, check=True, cwd=ROOT)
     saved = [(tmp_path / str(i) / "tokenizer.json").read_bytes() for i in range(2)]
     assert saved[0] == saved[1]
     tokenizer = T.train_wordpiece(texts, 300)
-    assert json.loads(saved[0])["model"]["vocab"] == dict(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+    assert json.loads(saved[0])["model"]["vocab"] == tokenizer.get_vocab()
     ids = tokenizer(texts[0]).input_ids
     assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True) == texts[0].lower()
