@@ -323,7 +323,7 @@ def wordpiece_vocab(words: Counter[str], vocab_size: int, specials: tuple[str, .
     while len(vocab) < vocab_size:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, split in pieces.items():
-            for pair in zip(split, split[1:]):
+            for pair in zip(split, split[1:], strict=False):
                 pairs[pair] += words[word]
         if not pairs:
             break
