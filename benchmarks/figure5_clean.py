@@ -1,0 +1,176 @@
+"""Figure 5 in miniature on correct captions: stage 2 from stage 1 against stage 2 alone (issue 5).
+
+The demo's stage 2 learns from CapFilt captions, and with the `demo` teachers most of them are wrong about
+their image, so the image is worth little to the LLM (0.01 to 0.03 nats per token) and the two runs end
+level. This benchmark isolates what stage 1 adds when the image is worth something:
+
+- captions: each pretraining image's ground-truth caption from the corpus manifest (`--captions gt`, the
+  default), or its web caption (`--captions web`; 60% correct);
+- the frozen LLM: an OPT teacher a visual prompt can steer, trained here on the home's corpus
+  (`LMTeacherConfig(init_std=0.1, position_offsets=True, steps=600)`, about 40 s), or `--llm DIR`;
+- stage 2 in memory, from the home's newest finished stage-1 run and from a fresh Q-Former, same seed,
+  batches and steps (AdamW, 20 warm-up steps, then `--lr`), for each `--seeds`.
+
+Every `--every` steps it prints the held-out caption loss (the last 6 batches of 32 images, never
+trained on) with the true images and with the images shifted by one in the batch: the rise is what the
+run reads from the image. Prints JSON: the curves, and per seed the loss difference (without - with)
+and the image's worth for each run at every point.
+
+    .venv/bin/python benchmarks/figure5_clean.py var                  # a finished demo home
+    .venv/bin/python benchmarks/figure5_clean.py var --captions web --seeds 0
+    .venv/bin/python benchmarks/figure5_clean.py var --llm var/teachers/<hash>/opt   # the demo's LLM
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BATCH = 32
+HELD_OUT_BATCHES = 6
+
+
+def newest_stage1(home: Path) -> Path:
+    runs = sorted(p for p in (home / "runs" / "stage1").glob("*") if any(p.glob("checkpoints/step-*")))
+    if not runs:
+        raise SystemExit(f"no finished stage-1 run under {home}/runs/stage1: run the demo first")
+    return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def manifest_batches(home: Path, captions: str, image_size: int) -> list[dict]:
+    """Batches of the pretraining images (eval transform) with their ground-truth or web captions."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from blip2_core.data import AugmentConfig, ImageTransform
+
+    rows = pq.read_table(home / "corpus" / "manifests" / "pretrain.parquet").to_pylist()
+    rows = rows[: len(rows) // BATCH * BATCH]
+    if len(rows) < (HELD_OUT_BATCHES + 10) * BATCH:
+        raise SystemExit(f"{home}/corpus has {len(rows)} pretraining images; this wants at least 512")
+    column = {"gt": "gt_caption", "web": "caption"}[captions]
+    transform = ImageTransform(AugmentConfig(image_size=image_size, train=False))
+    rng = random.Random(0)
+    images = torch.stack(
+        [transform(Image.open(home / "corpus" / r["path"]).convert("RGB"), rng)[0] for r in rows]
+    )
+    return [
+        {"images": images[i : i + BATCH], "captions": [r[column] for r in rows[i : i + BATCH]]}
+        for i in range(0, len(rows), BATCH)
+    ]
+
+
+def steerable_teacher(home: Path, out_dir: Path) -> Path:
+    from blip2_core import teachers as T
+
+    cfg = T.TeacherConfig()
+    cfg = dataclasses.replace(cfg, opt=T.LMTeacherConfig(init_std=0.1, position_offsets=True, steps=600))
+    return T.train_opt(T.load_teacher_data(home / "corpus"), out_dir, cfg).path
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, batches: list[dict]) -> tuple[float, float]:
+    model.eval()
+    true = shuffled = 0.0
+    for batch in batches:
+        rolled = torch.roll(torch.arange(len(batch["captions"])), 1)
+        true += model(batch).loss.item()
+        shuffled += model({"images": batch["images"][rolled], "captions": batch["captions"]}).loss.item()
+    model.train()
+    return round(true / len(batches), 4), round(shuffled / len(batches), 4)
+
+
+def run_stage2(cfg, stage1: Path | None, batches: list[dict], args, seed: int) -> list[list[float]]:
+    """[[step, held-out loss with true images, with shuffled images], ...] from step 0 to args.steps."""
+    from safetensors.torch import load_file
+
+    from blip2_core.checkpoints import WEIGHTS_FILE
+    from blip2_core.stage2 import Blip2Stage2, load_stage1_weights
+
+    torch.manual_seed(seed)
+    model = Blip2Stage2(cfg)
+    if stage1 is not None:
+        load_stage1_weights(model, load_file(str(stage1 / WEIGHTS_FILE)))
+    model.train()
+    train, held = batches[:-HELD_OUT_BATCHES], batches[-HELD_OUT_BATCHES:]
+    params = [p for _, p in model.trainable_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
+    rng = random.Random(seed)
+    curve = [[0, *held_out_loss(model, held)]]
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, step / 20)
+        loss = model(train[rng.randrange(len(train))]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % args.every == 0 or step == args.steps:
+            curve.append([step, *held_out_loss(model, held)])
+            label = "with stage 1" if stage1 else "without"
+            print(f"seed {seed} {label}: step {step} held-out {curve[-1][1]} (shuffled {curve[-1][2]}) "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+    return curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("home", type=Path, help="a demo home (var/) with a finished stage-1 run")
+    parser.add_argument("--captions", choices=("gt", "web"), default="gt")
+    parser.add_argument("--llm", type=Path, help="frozen OPT folder (default: train the steerable teacher)")
+    parser.add_argument("--stage1-run", type=Path, help="stage-1 run folder (default: the newest finished)")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--every", type=int, default=50, help="steps between held-out measurements")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from flows.torchrun_entry import TrainJob
+
+    stage1_run = args.stage1_run or newest_stage1(args.home)
+    stage1 = sorted((stage1_run / "checkpoints").glob("step-*"))[-1]
+    cfg = TrainJob.read(stage1_run / "job.json").blip2_config()
+    with tempfile.TemporaryDirectory(prefix="figure5-teacher-") as tmp:
+        llm = args.llm or steerable_teacher(args.home, Path(tmp))
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, name=str(llm)))
+        batches = manifest_batches(args.home, args.captions, cfg.vision.image_size)
+        curves = {
+            seed: {"with_stage1": run_stage2(cfg, stage1, batches, args, seed),
+                   "without": run_stage2(cfg, None, batches, args, seed)}
+            for seed in args.seeds
+        }  # fmt: skip
+    summary = {
+        seed: [
+            {"step": w[0], "without_minus_with": round(o[1] - w[1], 4),
+             "image_worth_with": round(w[2] - w[1], 4), "image_worth_without": round(o[2] - o[1], 4)}
+            for w, o in zip(c["with_stage1"], c["without"], strict=True)
+        ]
+        for seed, c in curves.items()
+    }  # fmt: skip
+    report = {
+        "home": str(args.home),
+        "stage1_checkpoint": str(stage1),
+        "llm": str(
+            args.llm or "steerable teacher: LMTeacherConfig(init_std=0.1, position_offsets=True, steps=600)"
+        ),
+        "captions": args.captions,
+        "steps": args.steps,
+        "lr": args.lr,
+        "train_batches": len(batches) - HELD_OUT_BATCHES,
+        "held_out_batches": HELD_OUT_BATCHES,
+        "curves": curves,
+        "summary": summary,
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
