@@ -283,7 +283,7 @@ def _balanced_accuracy(score: torch.Tensor, truth: torch.Tensor) -> float:
 @torch.no_grad()
 def vision_words(home: Path, count: int = 1200, held_out: int = 400) -> dict:
     """Balanced accuracy of ridge probes reading each content word of the ground-truth caption from the
-    frozen image encoder's tokens (the preset's `vision` section, after ln_vision's input: raw tokens).
+    frozen image encoder's raw tokens (the preset's `vision` section; before ln_vision).
     A word counts once whatever its form ("circles" is "circle")."""
     from PIL import Image
 
