@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from figure5_probe import pretrain_images, pretrain_rows, true_and_shuffled_loss
 
 BATCH = 32
 HELD_OUT_BATCHES = 6
@@ -47,21 +48,12 @@ def newest_stage1(home: Path) -> Path:
 
 def manifest_batches(home: Path, captions: str, image_size: int) -> list[dict]:
     """Batches of the pretraining images (eval transform) with their ground-truth or web captions."""
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from blip2_core.data import AugmentConfig, ImageTransform
-
-    rows = pq.read_table(home / "corpus" / "manifests" / "pretrain.parquet").to_pylist()
+    rows = pretrain_rows(home)
     rows = rows[: len(rows) // BATCH * BATCH]
     if len(rows) < (HELD_OUT_BATCHES + 10) * BATCH:
         raise SystemExit(f"{home}/corpus has {len(rows)} pretraining images; this wants at least 512")
     column = {"gt": "gt_caption", "web": "caption"}[captions]
-    transform = ImageTransform(AugmentConfig(image_size=image_size, train=False))
-    rng = random.Random(0)
-    images = torch.stack(
-        [transform(Image.open(home / "corpus" / r["path"]).convert("RGB"), rng)[0] for r in rows]
-    )
+    images = pretrain_images(home, rows, image_size)
     return [
         {"images": images[i : i + BATCH], "captions": [r[column] for r in rows[i : i + BATCH]]}
         for i in range(0, len(rows), BATCH)
@@ -76,16 +68,11 @@ def steerable_teacher(home: Path, out_dir: Path) -> Path:
     return T.train_opt(T.load_teacher_data(home / "corpus"), out_dir, cfg).path
 
 
-@torch.no_grad()
 def held_out_loss(model: torch.nn.Module, batches: list[dict]) -> tuple[float, float]:
     model.eval()
-    true = shuffled = 0.0
-    for batch in batches:
-        rolled = torch.roll(torch.arange(len(batch["captions"])), 1)
-        true += model(batch).loss.item()
-        shuffled += model({"images": batch["images"][rolled], "captions": batch["captions"]}).loss.item()
+    loss = true_and_shuffled_loss(model, batches)
     model.train()
-    return round(true / len(batches), 4), round(shuffled / len(batches), 4)
+    return loss["true_images"], loss["shuffled_images"]
 
 
 def run_stage2(cfg, stage1: Path | None, batches: list[dict], args, seed: int) -> list[list[float]]:

@@ -181,10 +181,24 @@ def text_context_vqa(llm_dir: str, corpus: Path) -> dict:
     return out
 
 
-def _pretrain_rows(home: Path, count: int) -> list[dict]:
+def pretrain_rows(home: Path, count: int | None = None) -> list[dict]:
+    """The first `count` rows (all when None) of the corpus' pretraining manifest."""
     import pyarrow.parquet as pq
 
     return pq.read_table(home / "corpus" / "manifests" / "pretrain.parquet").to_pylist()[:count]
+
+
+def pretrain_images(home: Path, rows: list[dict], image_size: int) -> torch.Tensor:
+    """(N, 3, S, S) the rows' images through the evaluation transform."""
+    from PIL import Image
+
+    from blip2_core.data import AugmentConfig, ImageTransform
+
+    transform = ImageTransform(AugmentConfig(image_size=image_size, train=False))
+    rng = random.Random(0)
+    return torch.stack(
+        [transform(Image.open(home / "corpus" / r["path"]).convert("RGB"), rng)[0] for r in rows]
+    )
 
 
 def _background(caption: str) -> str:
@@ -200,7 +214,7 @@ def background_prompt(llm_dir: str, home: Path, slots: int = 8, steps: int = 200
     soft prompt for all captions, and one per background colour."""
     from blip2_core.llm_bridge import lm_loss, load_llm
 
-    captions = [r["gt_caption"] for r in _pretrain_rows(home, 768)]
+    captions = [r["gt_caption"] for r in pretrain_rows(home, 768)]
     llm, tokenizer = load_llm(llm_dir)
     llm.requires_grad_(False)
     _, embeds, mask, labels, scale = _soft_prompt_inputs(llm, tokenizer, captions, slots)
@@ -236,16 +250,8 @@ def background_prompt(llm_dir: str, home: Path, slots: int = 8, steps: int = 200
 def prompt_knows_background(model: torch.nn.Module, home: Path) -> dict:
     """Held-out accuracy of a linear probe (trained on 450 of 600 images) reading the background colour
     from the model's projected visual prompt."""
-    from PIL import Image
-
-    from blip2_core.data import AugmentConfig, ImageTransform
-
-    rows = _pretrain_rows(home, 600)
-    transform = ImageTransform(AugmentConfig(image_size=model.cfg.vision.image_size, train=False))
-    rng = random.Random(0)
-    images = torch.stack(
-        [transform(Image.open(home / "corpus" / r["path"]).convert("RGB"), rng)[0] for r in rows]
-    )
+    rows = pretrain_rows(home, 600)
+    images = pretrain_images(home, rows, model.cfg.vision.image_size)
     x = model.bridge.llm_projection(model.query_output(images)).flatten(1)  # (N, Q * D_llm)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     names = sorted({_background(r["gt_caption"]) for r in rows})
@@ -285,9 +291,6 @@ def vision_words(home: Path, count: int = 1200, held_out: int = 400) -> dict:
     """Balanced accuracy of ridge probes reading each content word of the ground-truth caption from the
     frozen image encoder's raw tokens (the preset's `vision` section; before ln_vision).
     A word counts once whatever its form ("circles" is "circle")."""
-    from PIL import Image
-
-    from blip2_core.data import AugmentConfig, ImageTransform
     from blip2_core.stage2 import build_visual_encoder
     from flows.torchrun_entry import TrainJob
 
@@ -296,12 +299,10 @@ def vision_words(home: Path, count: int = 1200, held_out: int = 400) -> dict:
         raise SystemExit(f"no stage-1 or stage-2 run under {home}/runs to read the preset from")
     cfg = TrainJob.read(runs[0]).blip2_config()
     encoder = build_visual_encoder(cfg).eval()
-    rows = _pretrain_rows(home, count)
-    transform = ImageTransform(AugmentConfig(image_size=cfg.vision.image_size, train=False))
-    rng = random.Random(0)
-    images = [transform(Image.open(home / "corpus" / r["path"]).convert("RGB"), rng)[0] for r in rows]
+    rows = pretrain_rows(home, count)
+    images = pretrain_images(home, rows, cfg.vision.image_size)
     # (N, S, W) tokens of each image, 100 images at a time
-    tokens = torch.cat([encoder(torch.stack(images[i : i + 100])) for i in range(0, len(rows), 100)])
+    tokens = torch.cat([encoder(images[i : i + 100]) for i in range(0, len(rows), 100)])
     words = [set(re.sub(r"s\b", "", r["gt_caption"]).split()) for r in rows]  # plural -> singular
     out = {}
     train, test = slice(0, len(rows) - held_out), slice(len(rows) - held_out, len(rows))
