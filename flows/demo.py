@@ -91,7 +91,11 @@ def corpus_ingest_flow(params: CorpusIngestParams) -> dict[str, IngestSummary]:
         image_size=params.image_size,
         resize_mode="keep_ratio",
         samples_per_shard=params.samples_per_shard,
-        threads=32,
+        # One download thread per process: img2dataset writes a shard's samples as their downloads finish,
+        # so with one thread each shard holds its samples in manifest order and every fresh home gets the
+        # same shards (the loaders and CapFilt then see the same batches). The corpus is on loopback, so
+        # threads buy nothing here.
+        threads=1,
         timeout_s=10,
     )
     summaries: dict[str, IngestSummary] = {}

@@ -36,6 +36,8 @@ class DownloadOptions(BaseModel):
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
     samples_per_shard: int = Field(10_000, ge=1)
     processes: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
+    # Download threads per process. img2dataset writes each sample when its download finishes: with one
+    # thread a shard holds its samples in manifest order, with more in whatever order they arrived.
     threads: int = Field(64, ge=1, le=2048)
     timeout_s: float = Field(10.0, gt=0)
     retries: int = Field(0, ge=0, le=10)

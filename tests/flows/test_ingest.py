@@ -223,3 +223,22 @@ def test_killed_ingest_resumes_to_complete_shards(corpus, tmp_path):
     assert sum(s.samples_ok for s in shards) == 2000
     with Catalog.open(Layout(home).catalog, read_only=True) as cat:
         assert cat.failures_by_reason("killed") == {"timeout": 6}
+
+
+def test_one_download_thread_writes_each_shard_in_manifest_order(corpus, tmp_path, prefect_harness):
+    """The demo's setting: with one thread per process every fresh home gets the same shards."""
+    home = tmp_path / "var"
+    with CorpusServer(corpus) as srv:
+        manifest = url_manifest(corpus, srv.base_url, "pretrain", out=tmp_path / "urls.parquet")
+        options = small_options(samples_per_shard=400, processes=2, threads=1)
+        params = IngestParams(
+            source="synth", inputs=(manifest.path,), download=options, allow_loopback=True, home=home
+        )
+        ingest_flow(params)
+    shards = assert_catalog_matches_tars(home, "synth")
+    assert len(shards) == 5
+    for rec in shards:
+        with tarfile.open(rec.tar_path) as tf:
+            keys = [m.name.split(".", 1)[0] for m in tf if m.name.endswith(".jpg")]
+        assert len(keys) == 400
+        assert keys == sorted(keys), f"shard {rec.shard} is out of manifest order: {keys[:5]}"
