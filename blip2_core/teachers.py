@@ -75,6 +75,12 @@ class ClipTeacherConfig:
     # things are: trained 1,500 steps, it orders a correct and a wrong caption of one image right 0.57 of
     # the time, against 0.51 at 300 steps with open_clip's init (BENCHMARKS.md, session 6).
     position_init_std: float | None = None
+    # NegCLIP's hard negatives (Yuksekgonul et al., 2023): per image, this many copies of its caption with
+    # one attribute word swapped for another of its kind (`hard_negative`) join the texts each image is
+    # contrasted with. A batch's images differ most by colour, so plain CLIP learns colours and little
+    # else; a negative that differs from the truth only in a shape or a position is told apart only by an
+    # image tower that sees shapes and positions. None: plain CLIP.
+    hard_negatives: int | None = None
 
 
 @dataclass(frozen=True)
@@ -478,6 +484,48 @@ def _pick_references(data: TeacherData, idx: torch.Tensor, generator: torch.Gene
 # ----------------------------------------------------------------------------------------------- CLIP
 
 
+# The attribute words of the corpus' captions, by kind; a hard negative swaps one for another of its kind.
+ATTRIBUTE_WORDS = (
+    ("red", "green", "blue", "yellow", "purple", "orange", "white", "black"),
+    ("circle", "square", "triangle", "rectangle", "star"),
+    ("small", "large"),
+    ("left", "right", "top", "bottom", "center"),
+    ("two", "three", "four"),  # counts of two or more; "a"/"an" would need the noun's number changed too
+)
+_ATTRIBUTE_KIND = {word: kind for kind in ATTRIBUTE_WORDS for word in kind}
+
+
+def hard_negative(caption: str, rng: random.Random) -> str | None:
+    """`caption` with one attribute word (a plural noun counts as its singular) replaced by another word of
+    its kind, chosen with `rng`; None when the caption has no attribute word. The result is a caption of
+    another scene: wrong about exactly one thing."""
+    words = caption.split(" ")
+    slots = []
+    for i, word in enumerate(words):
+        stem = word[:-1] if word.endswith("s") and word[:-1] in _ATTRIBUTE_KIND else word
+        if stem in _ATTRIBUTE_KIND:
+            slots.append((i, stem, word[len(stem) :]))
+    if not slots:
+        return None
+    i, stem, suffix = rng.choice(slots)
+    words[i] = rng.choice([w for w in _ATTRIBUTE_KIND[stem] if w != stem]) + suffix
+    return " ".join(words)
+
+
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, negatives: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over B matched (image, text) feature pairs, L2-normalised here. `negatives`
+    (M, D): extra texts every image is also contrasted with (hard negatives); they are no image's match."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    candidates = text if negatives is None else torch.cat([text, F.normalize(negatives, dim=-1)])
+    labels = torch.arange(image.shape[0], device=image.device)
+    return 0.5 * (
+        F.cross_entropy(scale * image @ candidates.T, labels)
+        + F.cross_entropy(scale * text @ image.T, labels)
+    )
+
+
 def clip_model_config() -> dict:
     """The tiny preset's open_clip config, whose image tower is the tiny preset's image encoder."""
     from blip2_core.config import PRESET_DIR
@@ -498,6 +546,10 @@ def train_clip(
 
     from blip2_core.vision import create_clip
 
+    if cfg.clip.hard_negatives is not None and cfg.clip.hard_negatives < 1:
+        raise ValueError(
+            f"ClipTeacherConfig.hard_negatives must be >= 1 or None, got {cfg.clip.hard_negatives}"
+        )
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = create_clip(CLIP_MODEL_NAME)
@@ -509,11 +561,18 @@ def train_clip(
     loss_fn = ClipLoss()
     generator = torch.Generator().manual_seed(cfg.seed)
 
+    rng = random.Random(f"{cfg.seed}:clip-hard-negatives")
+
     def step_loss(step: int) -> torch.Tensor:
         idx = _batch_indices(len(data.images), cfg.clip.batch_size, generator)
-        text = tokenizer(_pick_references(data, idx, generator))  # (B, context_length)
-        out = model(pixels[idx], text)
-        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        captions = _pick_references(data, idx, generator)
+        out = model(pixels[idx], tokenizer(captions))  # text: (B, context_length)
+        if not cfg.clip.hard_negatives:
+            return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        negatives = [hard_negative(c, rng) for c in captions for _ in range(cfg.clip.hard_negatives)]
+        negatives = [n for n in negatives if n is not None]
+        features = model.encode_text(tokenizer(negatives)) if negatives else None
+        return contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"], features)
 
     model.output_dict = True
     losses = train_loop("clip", model, step_loss, cfg.clip, cfg.log_every, progress)

@@ -333,3 +333,94 @@ def test_clip_starts_from_the_position_init_std(corpus, tmp_path):
     bad = dataclasses.replace(TINY, clip=dataclasses.replace(TINY.clip, steps=1, position_init_std=-1.0))
     with pytest.raises(ValueError, match=r"ClipTeacherConfig.position_init_std must be > 0, got -1.0"):
         T.train_clip(data, tmp_path / "bad", bad)
+
+
+# ------------------------------------------------------------------------------------------ hard negatives
+
+
+def test_attribute_words_are_the_corpus_vocabulary():
+    from data_catalog.synth.scenes import COLOURS, POSITIONS, SHAPES, SIZES
+
+    colours, shapes, sizes, positions, counts = T.ATTRIBUTE_WORDS
+    assert (set(colours), shapes, sizes, positions) == (set(COLOURS), SHAPES, SIZES, POSITIONS)
+    assert counts == ("two", "three", "four")
+
+
+@pytest.mark.parametrize(
+    ("caption", "changed_kind"),
+    [
+        ("two large blue circles on a white background", None),  # any one of five words
+        ("a picture of stars", "shape"),
+        ("an image showing three things", "count"),
+    ],
+)
+def test_hard_negative_swaps_one_attribute_word_for_another_of_its_kind(caption, changed_kind):
+    import random
+
+    kinds = dict(zip(("colour", "shape", "size", "position", "count"), T.ATTRIBUTE_WORDS, strict=True))
+    seen = set()
+    for seed in range(40):
+        negative = T.hard_negative(caption, random.Random(seed))
+        diff = [(a, b) for a, b in zip(caption.split(), negative.split(), strict=True) if a != b]
+        assert len(diff) == 1, (caption, negative)
+        old, new = diff[0]
+        assert old.endswith("s") == new.endswith("s")  # a plural stays plural
+        kind = next(k for k, words in kinds.items() if old.removesuffix("s") in words or old in words)
+        assert new.removesuffix("s") in kinds[kind] or new in kinds[kind]
+        assert changed_kind in (None, kind)
+        seen.add(old)
+    if changed_kind is None:
+        assert seen == {"two", "large", "blue", "circles", "white"}
+    assert T.hard_negative("a picture of things", random.Random(0)) is None
+    assert T.hard_negative(caption, random.Random(3)) == T.hard_negative(caption, random.Random(3))
+
+
+def test_every_hard_negative_of_a_reference_is_a_wrong_caption(corpus):
+    import random
+
+    import pyarrow.parquet as pq
+
+    judge = _load_benchmark()
+    data = T.load_teacher_data(corpus)
+    truths = [
+        truth
+        for name in ("coco_train", "teacher_train")
+        for truth in pq.read_table(corpus / "manifests" / f"{name}.parquet").column("gt_caption").to_pylist()
+    ]
+    rng = random.Random(0)
+    pairs = [
+        (T.hard_negative(c, rng), gt) for refs, gt in zip(data.references, truths, strict=True) for c in refs
+    ]
+    assert len(pairs) > 200 and all(negative is not None for negative, _ in pairs)
+    assert not any(judge.is_correct(negative, gt) for negative, gt in pairs)
+
+
+def test_contrastive_loss_is_clip_loss_and_hard_negatives_raise_it():
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    text = torch.nn.functional.normalize(image + 0.5 * torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    plain = T.contrastive_loss(image, text, scale)
+    torch.testing.assert_close(plain, ClipLoss()(image, text, scale))
+    # A negative close to image 0 competes with its true text; one far from every image barely counts.
+    near, far = image[:1] + 0.01 * torch.randn(1, 8), -image.sum(0, keepdim=True)
+    assert T.contrastive_loss(image, text, scale, near) > plain + 0.05
+    assert T.contrastive_loss(image, text, scale, far) < plain + 0.01
+    assert T.contrastive_loss(image, 3 * text, scale) == pytest.approx(plain.item())  # normalised inside
+
+
+def test_clip_trains_with_hard_negatives(corpus, tmp_path):
+    data = T.load_teacher_data(corpus)
+    plain = T.train_clip(data, tmp_path / "plain", TINY)
+    hard_cfg = dataclasses.replace(TINY, clip=dataclasses.replace(TINY.clip, hard_negatives=1))
+    hard = T.train_clip(data, tmp_path / "hard", hard_cfg)
+    # With B more texts to tell apart, the image->text half starts higher; both fall.
+    assert hard.losses[0] > plain.losses[0]
+    assert hard.losses[-1] < hard.losses[0]
+    again = T.train_clip(data, tmp_path / "again", hard_cfg)
+    assert again.losses == hard.losses  # the negatives are drawn from the seed
+    bad = dataclasses.replace(TINY, clip=dataclasses.replace(TINY.clip, hard_negatives=0))
+    with pytest.raises(ValueError, match=r"ClipTeacherConfig.hard_negatives must be >= 1 or None, got 0"):
+        T.train_clip(data, tmp_path / "bad", bad)
