@@ -37,7 +37,7 @@ from PIL import Image
 from blip2_core.fileio import UnsafeKeyError, atomic_path, check_sample_key
 
 # Bump when a change to this file changes what a sidecar contains; it is part of `config_hash`.
-CAPFILT_CODE_VERSION = "1"
+CAPFILT_CODE_VERSION = "2"  # 2: each sample its own random stream
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -193,23 +193,28 @@ class Captioner:
         return pixels.to(self.cfg.device, self.cfg.torch_dtype)  # (B, 3, H, W)
 
     @torch.inference_mode()
-    def caption(self, images: Sequence[Image.Image], seed: int) -> list[list[str]]:
-        """Returns B lists of num_captions captions. The same images and seed give the same captions."""
+    def caption(
+        self, images: Sequence[Image.Image], seed: int, keys: Sequence[str] | None = None
+    ) -> list[list[str]]:
+        """Returns B lists of num_captions captions. Sample j of an image draws its tokens from a random
+        stream of its own, fixed by (seed, the image's key, j): an image gets the same captions whatever
+        batch, shard order or thread it comes in. `keys` default to the images' positions in the call."""
         n = self.cfg.num_captions
+        keys = [str(i) for i in range(len(images))] if keys is None else list(keys)
+        if len(keys) != len(images):
+            raise ValueError(f"Captioner.caption: {len(images)} images but {len(keys)} keys")
         image_embeds = self.model.vision_model(pixel_values=self.pixel_values(images))[0]  # (B, N, D)
         # Row b*n + j is sample j of image b: the ViT ran once per image, its output is shared.
         image_embeds = image_embeds.repeat_interleave(n, dim=0)  # (B*n, N, D)
         prompt = self.prompt_ids.expand(image_embeds.shape[0], -1)  # (B*n, P)
-        # A generator of this call's own, not torch's process-wide RNG: the flow runs shard tasks in
-        # threads, and draws from one shared stream would interleave between them.
-        generator = torch.Generator(device=self.cfg.device).manual_seed(seed)
-        tokens = self._sample(prompt, image_embeds, generator)  # (B*n, <= max_length)
+        streams = SampleStreams([f"{seed}\n{key}\n{j}" for key in keys for j in range(n)], self.cfg.device)
+        tokens = self._sample(prompt, image_embeds, streams)  # (B*n, <= max_length)
         texts = self.processor.tokenizer.batch_decode(tokens[:, prompt.shape[1] :], skip_special_tokens=True)
         texts = [t.strip() for t in texts]
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]
 
     def _sample(
-        self, prompt: torch.Tensor, image_embeds: torch.Tensor, generator: torch.Generator
+        self, prompt: torch.Tensor, image_embeds: torch.Tensor, streams: SampleStreams
     ) -> torch.Tensor:
         """Decode all rows together with the KV cache, sampling each token from its top-p nucleus.
 
@@ -225,7 +230,8 @@ class Captioner:
         while tokens.shape[1] < self.cfg.max_length and not finished.all():
             logits, cache = self._decoder_step(step_ids, image_embeds, cache)  # (R, V)
             logits = self._process_logits(logits, tokens, eos)
-            next_ids = nucleus_sample(logits.softmax(dim=-1), self.cfg.top_p, generator)  # (R,)
+            probs = logits.softmax(dim=-1)
+            next_ids = nucleus_sample(probs, self.cfg.top_p, streams.at(tokens.shape[1]))  # (R,)
             next_ids = torch.where(finished, pad, next_ids)
             finished |= next_ids == eos
             step_ids = next_ids[:, None]
@@ -258,29 +264,79 @@ class Captioner:
         return logits
 
 
-def nucleus_sample(
-    probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
+# uniform(rows, attempt) -> (len(rows),) draws in [0, 1) for those rows of `probs`, at that redraw
+Uniforms = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def nucleus_sample(probs: torch.Tensor, top_p: float, uniform: Uniforms | None = None) -> torch.Tensor:
     """One token per row of `probs` (R, V), drawn from the row's top-p nucleus; returns (R,).
 
     The nucleus (transformers' rule) holds the tokens whose strictly more probable tokens hold less than
     top_p of the mass; tokens of equal probability are kept or dropped together. Instead of sorting the
     vocabulary, draw from the whole distribution and redraw rows whose token falls outside the nucleus:
     an accepted draw is distributed exactly as the renormalised nucleus, and as the nucleus holds at
-    least top_p of the mass a row needs 1 / top_p draws on average, each O(V).
+    least top_p of the mass a row needs 1 / top_p draws on average, each O(V). `uniform` supplies the
+    draws (default: torch's global RNG).
     """
     tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     pending = torch.arange(probs.shape[0], device=probs.device)
+    attempt = 0
     while pending.numel() > 0:
         p = probs[pending]  # (R', V)
         cdf = p.cumsum(dim=-1)
-        u = torch.rand(p.shape[0], 1, device=p.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
+        if uniform is None:
+            u = torch.rand(p.shape[0], 1, device=p.device, dtype=cdf.dtype)
+        else:
+            u = uniform(pending, attempt).to(cdf.dtype)[:, None]
+        u = u * cdf[:, -1:]
         draw = torch.searchsorted(cdf, u, right=True).clamp_max(p.shape[1] - 1)  # (R', 1)
         mass_above = (p * (p > p.gather(1, draw))).sum(dim=-1)  # (R',)
         accepted = mass_above < top_p
         tokens[pending[accepted]] = draw[accepted, 0]
         pending = pending[~accepted]
+        attempt += 1
     return tokens
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), in two 16-bit halves so that no product overflows."""
+    return (((x >> 16) * c & 0xFFFF) << 16) + (x & 0xFFFF) * c & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of int64 x in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class SampleStreams:
+    """One counter-based random stream per sampled row, named by a string (CapFilt: seed, key, sample).
+
+    A draw is a hash of (the row's name, the decoding step, the redraw), so a row's draws do not depend on
+    which other rows share its batch or in what order, and no generator state is shared between threads.
+    """
+
+    def __init__(self, names: Sequence[str], device: str | torch.device = "cpu") -> None:
+        words = [hashlib.sha256(name.encode()).digest() for name in names]
+        halves = [[int.from_bytes(w[i : i + 4], "little") for i in (0, 4)] for w in words]
+        self.keys = torch.tensor(halves, dtype=torch.int64, device=device).reshape(-1, 2)  # (R, 2)
+
+    def at(self, step: int) -> Uniforms:
+        """The draws of decoding step `step`, as `nucleus_sample` takes them."""
+        return lambda rows, attempt: self.uniform(rows, step, attempt)
+
+    def uniform(self, rows: torch.Tensor, step: int, attempt: int) -> torch.Tensor:
+        """(len(rows),) float64 draws in [0, 1) of the given rows at (step, attempt)."""
+        counter = torch.tensor((step * 65536 + attempt) & _MASK32, dtype=torch.int64, device=self.keys.device)
+        k = self.keys[rows]
+        h = _mix32(k[:, 0] ^ _mix32(k[:, 1] ^ _mix32(counter)))
+        return h.double() / 2.0**32
 
 
 class Ranker:
@@ -469,17 +525,11 @@ def _decode_batch(batch: Sequence[Sample]) -> tuple[dict[int, Image.Image], dict
     return images, errors
 
 
-def batch_seed(seed: int, keys: Sequence[str]) -> int:
-    """The sampling seed of a batch: fixed by the config seed and the batch's keys, so re-runs agree."""
-    digest = hashlib.sha256(f"{seed}\n".encode() + "\n".join(keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def _capfilt_batch(batch: Sequence[Sample], cfg: CapFiltConfig, models: CapFiltModels) -> list[CapFiltRecord]:
     images, errors = _decode_batch(batch)
     ok = sorted(images)
     keys = [batch[i][0] for i in ok]
-    captions = models.captioner.caption([images[i] for i in ok], batch_seed(cfg.seed, keys)) if ok else []
+    captions = models.captioner.caption([images[i] for i in ok], cfg.seed, keys) if ok else []
     texts = [[*caps, batch[i][2]] for i, caps in zip(ok, captions, strict=True)]
     keep = [[t for t in group if degenerate_reason(t, cfg.prompt) is None] for group in texts]
     sims = models.ranker.similarities([images[i] for i in ok], keep) if ok else []

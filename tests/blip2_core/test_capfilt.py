@@ -43,7 +43,9 @@ def make_cfg(model_dir: Path, **overrides) -> cf.CapFiltConfig:
         weights=str(model_dir / "ranker" / "capfilt-tiny-clip.safetensors"),
         model_config=str(model_dir / "ranker" / "capfilt-tiny-clip.json"),
     )
-    return cf.CapFiltConfig(captioner=str(model_dir / "captioner"), ranker=ranker, batch_size=3, **overrides)
+    return cf.CapFiltConfig(
+        captioner=str(model_dir / "captioner"), ranker=ranker, **{"batch_size": 3, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,46 @@ def test_a_rerun_reproduces_and_another_seed_differs(model_dir, models):
     assert [r.candidates for r in other] != [r.candidates for r in first]
 
 
+def test_an_image_gets_the_same_captions_in_any_batch_and_order(model_dir, models):
+    """Each sample draws from a stream named by (seed, key, sample): re-sharded, re-batched or re-ordered
+    (img2dataset writes samples as their downloads finish), an image keeps its captions."""
+    samples = colour_samples(7)
+    by_key = {r.key: r for r in cf.run_capfilt(samples, make_cfg(model_dir), models)}  # batches of 3
+    shuffled = [samples[i] for i in (5, 0, 6, 3, 1, 4, 2)]
+    for cfg in (make_cfg(model_dir, batch_size=2), make_cfg(model_dir, batch_size=7)):
+        again = {r.key: r for r in cf.run_capfilt(shuffled, cfg, models)}
+        assert again.keys() == by_key.keys()
+        for key, record in again.items():
+            assert (record.candidates, record.top) == (by_key[key].candidates, by_key[key].top)
+            # The ranker's matrix products may round differently in another batch shape.
+            assert record.scores == pytest.approx(by_key[key].scores, rel=1e-5, nan_ok=True)
+    # Not one stream for all: the samples of one image differ, and a key of its own changes them.
+    assert len(set(by_key["000000"].candidates)) > 1
+    renamed = [("other", image, caption) for _, image, caption in samples[:1]]
+    assert (
+        next(cf.run_capfilt(renamed, make_cfg(model_dir), models)).candidates != by_key["000000"].candidates
+    )
+
+
+def test_sample_streams_are_uniform_and_named_not_placed():
+    streams = cf.SampleStreams([f"0\n{i}" for i in range(50_000)])
+    rows = torch.arange(50_000)
+    u = streams.uniform(rows, 7, 0)
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert counts.min() > 4_700 and counts.max() < 5_300
+    for other in (streams.uniform(rows, 8, 0), streams.uniform(rows, 7, 1)):  # another step, a redraw
+        assert abs(torch.corrcoef(torch.stack([u, other]))[0, 1].item()) < 0.02
+    # A row's draws follow its name, not its place among the rows.
+    reordered = cf.SampleStreams(["0\n7", "0\n3"])
+    assert reordered.uniform(torch.tensor([1, 0]), 7, 0).tolist() == u[[3, 7]].tolist()
+    assert cf._mul32(torch.tensor([2**32 - 1, 123_456_789]), 0x846CA68B).tolist() == [
+        (2**32 - 1) * 0x846CA68B % 2**32,
+        123_456_789 * 0x846CA68B % 2**32,
+    ]
+
+
 def test_threads_captioning_at_once_get_the_captions_of_a_run_alone(model_dir, models):
     """The flow runs shard tasks in threads: a batch's captions must not depend on what runs beside it."""
     import threading
@@ -207,7 +249,7 @@ class ScriptedCaptioner:
     def __init__(self, script: dict[str, list[str]]) -> None:
         self.script = script
 
-    def caption(self, images, seed):
+    def caption(self, images, seed, keys=None):
         return [self.script[colour_of(image)] for image in images]
 
 
