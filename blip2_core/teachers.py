@@ -150,6 +150,11 @@ class LMTeacherConfig:
     # a\n" (at most `max_pair_len` tokens): the answer is read from the context, as stage 2's visual prompt
     # stands in for it at zero-shot VQA; without them every answer is a prior over the question alone.
     context_qa: int = 0
+    # OPT only: True leaves out the bare "Question: q Answer: a" sequences, so a question-answer text only
+    # ever follows its image's caption (the `context_qa` copies). No sequence then starts with "Question",
+    # and a steerable teacher has no question-answer text to drift into when a visual prompt, standing
+    # where a caption would, asks it for a caption. None: the bare sequences are in (as before).
+    qa_in_context_only: bool | None = None
     # OPT only: weight init std (OPTConfig.init_std). OPT's 0.02 is sized for width 768; at width 64 every
     # attention map starts uniform (entropy log T to 4 decimals) and the trained teacher barely answers to a
     # soft prompt: 8 free prompt vectors per caption, optimised, take its caption loss from 1.22 (one prompt
@@ -759,10 +764,12 @@ def _save_llm(name: str, model, tokenizer, hp: LMTeacherConfig, losses, seconds,
 
 
 def opt_rows(data: TeacherData, tokenizer, hp: LMTeacherConfig, seed: int) -> list[list[int]]:
-    """Token ids of every OPT training sequence: "</s>text\\n" for every caption and question-answer text,
+    """Token ids of every OPT training sequence: "</s>text\\n" for every caption and (unless
+    `hp.qa_in_context_only`) question-answer text,
     then `hp.reference_pairs` per image of "</s>refA\\nrefB\\n", two of its references (one if it has one),
     and `hp.context_qa` per question of "</s>caption\\nQuestion: q Answer: a\\n" with its image's caption."""
-    rows = [tokenizer(t + OPT_EOS_TEXT).input_ids[: hp.max_text_len] for t in data.texts]
+    texts = data.captions if hp.qa_in_context_only else data.texts
+    rows = [tokenizer(t + OPT_EOS_TEXT).input_ids[: hp.max_text_len] for t in texts]
     rng = random.Random(seed)
     for refs in data.references:
         for _ in range(hp.reference_pairs):

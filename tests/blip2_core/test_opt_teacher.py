@@ -59,6 +59,21 @@ def test_rows_add_questions_read_from_their_image_caption():
     assert len(T.opt_rows(data, tokenizer, T.LMTeacherConfig(), 0)) == len(data.texts)  # off by default
 
 
+def test_rows_can_keep_questions_to_their_context():
+    """qa_in_context_only: no sequence starts with "Question"; every answer follows its image's caption."""
+    data = _data()
+    data = dataclasses.replace(data, qa_captions=[refs[0] for refs in data.references[:5]] + [""])
+    tokenizer = T.train_bpe(data.texts, 300, "opt")
+    hp = T.LMTeacherConfig(context_qa=1, qa_in_context_only=True)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in T.opt_rows(data, tokenizer, hp, seed=0)]
+    assert texts[: len(data.captions)] == [c + "\n" for c in data.captions]
+    rest = texts[len(data.captions) :]
+    assert rest == [
+        f"{c}\n{T.qa_text(q, a)}\n" for (q, a), c in zip(data.qa[:5], data.qa_captions[:5], strict=True)
+    ]
+    assert not any(t.startswith("Question") for t in texts)
+
+
 def _attention_at_init(std: float) -> tuple[float, float]:
     """(weight std of a projection, mean attention entropy / uniform entropy of the causal rows) of the
     default-size OPT teacher initialised at `std`."""
