@@ -8,8 +8,12 @@ level. This benchmark isolates what stage 1 adds when the image is worth somethi
   default), or its web caption (`--captions web`; 60% correct);
 - the frozen LLM: an OPT teacher a visual prompt can steer, trained here on the home's corpus
   (`LMTeacherConfig(init_std=0.1, position_offsets=True, steps=600)`, about 40 s), or `--llm DIR`;
-- stage 2 in memory, from the home's newest finished stage-1 run and from a fresh Q-Former, same seed,
-  batches and steps (AdamW, 20 warm-up steps, then `--lr`), for each `--seeds`.
+- stage 1 (`--stage1 same`, the default): trained here in memory on the same training batches and
+  captions (`--stage1-steps`, AdamW at `--stage1-lr` with 20 warm-up steps and a cosine to a tenth), as
+  the paper trains both stages on the same data; or (`--stage1 home`) the home's newest finished stage-1
+  run, trained on the demo's CapFilt captions;
+- stage 2 in memory, from that stage-1 Q-Former and from a fresh Q-Former, same seed, batches and steps
+  (AdamW, 20 warm-up steps, then `--lr`), for each `--seeds`.
 
 Every `--every` steps it prints the held-out caption loss (the last 6 batches of 32 images, never
 trained on) with the true images and with the images shifted by one in the batch: the rise is what the
@@ -19,6 +23,8 @@ and the image's worth for each run at every point.
     .venv/bin/python benchmarks/figure5_clean.py var                  # a finished demo home
     .venv/bin/python benchmarks/figure5_clean.py var --captions web --seeds 0
     .venv/bin/python benchmarks/figure5_clean.py var --llm var/teachers/<hash>/opt   # the demo's LLM
+    .venv/bin/python benchmarks/figure5_clean.py var --stage1 home    # the demo's own stage-1 run
+    .venv/bin/python benchmarks/figure5_clean.py var --html figure5.html   # both curves, as a report
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import sys
 import tempfile
@@ -75,6 +82,69 @@ def held_out_loss(model: torch.nn.Module, batches: list[dict]) -> tuple[float, f
     return loss["true_images"], loss["shuffled_images"]
 
 
+def train_stage1(cfg, tokenizer: str, batches: list[dict], args, out_dir: Path) -> Path:
+    """Stage 1 (ITC + ITM + ITG) on the training batches; returns the folder of its weights file."""
+    from safetensors.torch import save_file
+
+    from blip2_core.checkpoints import WEIGHTS_FILE
+    from blip2_core.stage1 import Blip2Stage1
+    from flows.torchrun_entry import BertTokenize
+
+    tokenize = BertTokenize(tokenizer, cfg.qformer.max_text_len)
+    train = [{"images": b["images"], **tokenize(b["captions"])} for b in batches[:-HELD_OUT_BATCHES]]
+    torch.manual_seed(0)
+    model = Blip2Stage1(cfg).train()
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.stage1_lr, betas=(0.9, 0.98), weight_decay=0.05)
+    rng = random.Random(0)
+    start = time.perf_counter()
+    for step in range(1, args.stage1_steps + 1):
+        progress = step / args.stage1_steps
+        factor = step / 20 if step < 20 else 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = args.stage1_lr * factor
+        out = model(train[rng.randrange(len(train))])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == args.stage1_steps:
+            print(f"stage 1: step {step} loss {out.loss.item():.3f} (itc {out.loss_itc.item():.3f}, itm "
+                  f"{out.loss_itm.item():.3f}, itg {out.loss_itg.item():.3f}) "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+    folder = out_dir / "stage1"
+    folder.mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("visual_encoder.")}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    return folder
+
+
+def write_html(path: Path, report: dict) -> None:
+    """Both stage-2 curves of every seed (held-out loss, and what each run reads from the image)."""
+    from flows import plots
+
+    loss, worth = {}, {}
+    for seed, runs in report["curves"].items():
+        for name, label in (("with_stage1", "with stage 1"), ("without", "without stage 1")):
+            loss[f"{label}, seed {seed}"] = [(c[0], c[1]) for c in runs[name]]
+            worth[f"{label}, seed {seed}"] = [(c[0], c[2] - c[1]) for c in runs[name]]
+    frame = plots.Frame(width=820, height=400)
+    charts = [
+        plots.line_chart(loss, title="Held-out stage-2 loss", x_label="stage-2 optimizer step",
+                         y_label="caption loss (nats per token)", frame=frame, markers=True),
+        plots.line_chart(worth, title="What the run reads from the image: loss with shuffled images minus "
+                         "loss with the true ones", x_label="stage-2 optimizer step",
+                         y_label="nats per token", frame=frame, markers=True),
+    ]  # fmt: skip
+    settings = {k: report[k] for k in ("home", "stage1", "llm", "captions", "steps", "lr")}
+    rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in settings.items())
+    path.write_text(
+        "<!doctype html><meta charset='utf-8'><title>Figure 5 in miniature</title>"
+        "<h1>Figure 5 in miniature: stage 2 with and without stage 1</h1>"
+        f"<table>{rows}</table>{''.join(charts)}",
+        encoding="utf-8",
+    )
+
+
 def run_stage2(cfg, stage1: Path | None, batches: list[dict], args, seed: int) -> list[list[float]]:
     """[[step, held-out loss with true images, with shuffled images], ...] from step 0 to args.steps."""
     from safetensors.torch import load_file
@@ -113,7 +183,16 @@ def main() -> None:
     parser.add_argument("home", type=Path, help="a demo home (var/) with a finished stage-1 run")
     parser.add_argument("--captions", choices=("gt", "web"), default="gt")
     parser.add_argument("--llm", type=Path, help="frozen OPT folder (default: train the steerable teacher)")
-    parser.add_argument("--stage1-run", type=Path, help="stage-1 run folder (default: the newest finished)")
+    parser.add_argument(
+        "--stage1",
+        choices=("same", "home"),
+        default="same",
+        help="same: train stage 1 here on the benchmark's captions; home: the home's run",
+    )
+    parser.add_argument("--stage1-run", type=Path, help="with --stage1 home: this run (default: the newest)")
+    parser.add_argument("--stage1-steps", type=int, default=400)
+    parser.add_argument("--stage1-lr", type=float, default=1e-3)
+    parser.add_argument("--html", type=Path, help="also write both curves to this HTML file")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--every", type=int, default=50, help="steps between held-out measurements")
@@ -123,12 +202,18 @@ def main() -> None:
     from flows.torchrun_entry import TrainJob
 
     stage1_run = args.stage1_run or newest_stage1(args.home)
-    stage1 = sorted((stage1_run / "checkpoints").glob("step-*"))[-1]
-    cfg = TrainJob.read(stage1_run / "job.json").blip2_config()
-    with tempfile.TemporaryDirectory(prefix="figure5-teacher-") as tmp:
+    stage1_job = TrainJob.read(stage1_run / "job.json")
+    cfg = stage1_job.blip2_config()
+    with tempfile.TemporaryDirectory(prefix="figure5-") as tmp:
         llm = args.llm or steerable_teacher(args.home, Path(tmp))
-        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, name=str(llm)))
         batches = manifest_batches(args.home, args.captions, cfg.vision.image_size)
+        if args.stage1 == "same":
+            stage1 = train_stage1(cfg, stage1_job.tokenizer, batches, args, Path(tmp))
+            stage1_text = f"trained here: {args.stage1_steps} steps at lr {args.stage1_lr} on these captions"
+        else:
+            stage1 = sorted((stage1_run / "checkpoints").glob("step-*"))[-1]
+            stage1_text = str(stage1)
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, name=str(llm)))
         curves = {
             seed: {"with_stage1": run_stage2(cfg, stage1, batches, args, seed),
                    "without": run_stage2(cfg, None, batches, args, seed)}
@@ -144,7 +229,7 @@ def main() -> None:
     }  # fmt: skip
     report = {
         "home": str(args.home),
-        "stage1_checkpoint": str(stage1),
+        "stage1": stage1_text,
         "llm": str(
             args.llm or "steerable teacher: LMTeacherConfig(init_std=0.1, position_offsets=True, steps=600)"
         ),
@@ -156,6 +241,8 @@ def main() -> None:
         "curves": curves,
         "summary": summary,
     }
+    if args.html:
+        write_html(args.html, report)
     print(json.dumps(report, indent=1))
 
 
