@@ -45,6 +45,8 @@ def test_teachers_flow_trains_once_and_writes_the_miniature_preset(prefect_harne
     assert cfg.qformer.vocab_size == len(wordpiece)
     assert cfg.qformer.dec_token_id == wordpiece.convert_tokens_to_ids("[DEC]") != wordpiece.unk_token_id
     opt = json.loads((first.opt / "config.json").read_text())
+    # Both stages of the from-scratch tiny Q-Former train at lr 1e-3 (1e-4 at the floor).
+    assert (cfg.stage1.lr, cfg.stage1.min_lr, cfg.stage2.lr, cfg.stage2.min_lr) == (1e-3, 1e-4, 1e-3, 1e-4)
     assert (cfg.llm.vocab_size, cfg.llm.hidden_size) == (opt["vocab_size"], opt["hidden_size"])
     # The frozen image encoder of the preset is the CLIP teacher's image tower, weight for weight.
     from safetensors.torch import load_file
@@ -86,7 +88,10 @@ def test_profiles_name_the_teacher_configuration(corpus):
     from flows.teachers import config_hash, teacher_config
 
     demo = teacher_config(TeachersParams(seed=3))
-    assert demo == T.TeacherConfig(seed=3)
+    assert demo == T.TeacherConfig(seed=3, opt=T.STEERABLE_OPT)
+    # The demo's OPT: steerable, and never a question-answer text without its caption in front.
+    assert (demo.opt.init_std, demo.opt.position_offsets, demo.opt.qa_in_context_only) == (0.1, True, True)
+    assert demo.opt.context_qa >= 1 and demo.t5 == T.LMTeacherConfig()
     capfilt = teacher_config(TeachersParams(profile="capfilt", seed=3, captioner_steps=7))
     assert capfilt.seed == 3 and capfilt.captioner.steps == 7  # step overrides apply on top of the profile
     assert capfilt.captioner.position_init_std == capfilt.clip.position_init_std == 2.0
