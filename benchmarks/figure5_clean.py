@@ -208,6 +208,8 @@ def main() -> None:
         llm = args.llm or steerable_teacher(args.home, Path(tmp))
         batches = manifest_batches(args.home, args.captions, cfg.vision.image_size)
         if args.stage1 == "same":
+            if not stage1_job.tokenizer:
+                raise SystemExit(f"{stage1_run}/job.json names no stage-1 tokenizer; use --stage1 home")
             stage1 = train_stage1(cfg, stage1_job.tokenizer, batches, args, Path(tmp))
             stage1_text = f"trained here: {args.stage1_steps} steps at lr {args.stage1_lr} on these captions"
         else:
