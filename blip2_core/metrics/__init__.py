@@ -20,6 +20,7 @@ from blip2_core.metrics.retrieval import (
     rerank_with_itm,
 )
 from blip2_core.metrics.vqa import (
+    PairedDifference,
     VQAAnnotation,
     VQAScores,
     evaluate_gqa_files,
@@ -28,10 +29,12 @@ from blip2_core.metrics.vqa import (
     load_vqa_annotations,
     load_vqa_results,
     normalize_answer,
+    paired_vqa_difference,
     vqa_accuracy,
 )
 
 __all__ = [
+    "PairedDifference",
     "CaptionScores",
     "NoCapsScores",
     "RetrievalGroundTruth",
@@ -53,6 +56,7 @@ __all__ = [
     "merge_rank_scores",
     "nocaps_scores",
     "normalize_answer",
+    "paired_vqa_difference",
     "recall_at_k",
     "rerank_with_itm",
     "vqa_accuracy",

@@ -12,6 +12,7 @@ results file `[{"question_id": ..., "answer": ...}]`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -217,6 +218,46 @@ def vqa_accuracy(
         per_question_type={k: _mean_percent(v) for k, v in sorted(by_question_type.items())},
         n=len(per_question),
     )
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Accuracy of predictions `a` minus that of `b` on the same questions, in points (0-100).
+
+    `se` is the standard error of that mean over questions (the sample standard deviation of the
+    per-question differences over sqrt(n)). Pairing removes what both get right or wrong alike, so the
+    interval is far tighter than two independent accuracies would allow."""
+
+    difference: float
+    se: float
+    n: int
+
+    def verdict(self, z: float = 2.0) -> str:
+        """'level' when the difference is within `z` standard errors of 0, else 'a ahead' or 'b ahead'."""
+        if abs(self.difference) <= z * self.se:
+            return "level"
+        return "a ahead" if self.difference > 0 else "b ahead"
+
+
+def paired_vqa_difference(
+    a: Mapping[QuestionId, str],
+    b: Mapping[QuestionId, str],
+    annotations: Mapping[QuestionId, VQAAnnotation],
+    normalize: NormalizeMode = "official",
+) -> PairedDifference:
+    """How much more accurate predictions `a` are than `b`, question by question (Figure 5's two runs)."""
+    if not annotations:
+        raise ValueError("paired_vqa_difference: no annotated questions")
+    check_question_ids(a.keys(), annotations.keys(), "predictions a")
+    check_question_ids(b.keys(), annotations.keys(), "predictions b")
+    diffs = [
+        question_accuracy(a[q], ann.answers, normalize) - question_accuracy(b[q], ann.answers, normalize)
+        for q, ann in annotations.items()
+    ]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return PairedDifference(100.0 * mean, 100.0 * math.sqrt(var / n), n)
 
 
 # ---------------------------------------------------------------------------------------------------

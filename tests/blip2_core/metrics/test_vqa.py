@@ -14,6 +14,7 @@ from blip2_core.metrics.vqa import (
     load_vqa_annotations,
     load_vqa_results,
     normalize_answer,
+    paired_vqa_difference,
     question_accuracy,
     vqa_accuracy,
 )
@@ -108,6 +109,51 @@ def test_vqa_accuracy_requires_exact_coverage():
         vqa_accuracy({1: "yes"}, annotations)
     with pytest.raises(ValueError, match="unknown question_id 7"):
         vqa_accuracy({1: "yes", 2: "no", 7: "no"}, annotations)
+
+
+def test_paired_difference_is_the_mean_per_question_difference_with_its_standard_error():
+    annotations = {
+        1: _ann(1, ["yes"] * 10, "yes/no", "is the"),
+        2: _ann(2, _answers("3", 3, "4"), "number", "how many"),
+        3: _ann(3, ["red"] * 10, "other", "what color"),
+        4: _ann(4, ["blue"] * 10, "other", "what color"),
+    }
+    a = {1: "yes", 2: "3", 3: "red", 4: "green"}  # per question 1.0, 0.9, 1.0, 0.0
+    b = {1: "yes", 2: "4", 3: "blue", 4: "green"}  # per question 1.0, 1.0 ("4": 7 of 10), 0.0, 0.0
+    diff = paired_vqa_difference(a, b, annotations)
+    per_question = [0.0, -0.1, 1.0, 0.0]
+    mean = sum(per_question) / 4
+    sd = (sum((d - mean) ** 2 for d in per_question) / 3) ** 0.5
+    assert diff.n == 4
+    assert diff.difference == pytest.approx(100 * mean)  # = overall(a) - overall(b)
+    assert diff.difference == pytest.approx(
+        vqa_accuracy(a, annotations).overall - vqa_accuracy(b, annotations).overall
+    )
+    assert diff.se == pytest.approx(100 * sd / 2)
+    assert paired_vqa_difference(b, a, annotations).difference == pytest.approx(-diff.difference)
+
+
+def test_paired_difference_verdict_needs_the_gap_outside_the_noise():
+    annotations = {q: _ann(q, ["yes"] * 10, "yes/no", "is") for q in range(100)}
+    same = {q: "yes" if q % 2 else "no" for q in range(100)}
+    level = paired_vqa_difference(same, same, annotations)
+    assert (level.difference, level.se, level.verdict()) == (0.0, 0.0, "level")
+    # a right on 30 more questions than b: far outside two standard errors
+    better = {q: "yes" if q < 80 else "no" for q in range(100)}
+    worse = {q: "yes" if q < 50 else "no" for q in range(100)}
+    assert paired_vqa_difference(better, worse, annotations).verdict() == "a ahead"
+    assert paired_vqa_difference(worse, better, annotations).verdict() == "b ahead"
+    # one question apart out of 100: within the noise
+    one = {q: "yes" if q < 51 else "no" for q in range(100)}
+    close = paired_vqa_difference(one, worse, annotations)
+    assert close.difference == pytest.approx(1.0)
+    assert close.verdict() == "level"
+
+
+def test_paired_difference_requires_both_to_cover_the_questions():
+    annotations = {1: _ann(1, ["yes"] * 10, "yes/no", "is"), 2: _ann(2, ["no"] * 10, "yes/no", "is")}
+    with pytest.raises(ValueError, match="predictions b: no answer for question_id 2"):
+        paired_vqa_difference({1: "yes", 2: "no"}, {1: "yes"}, annotations)
 
 
 def test_gqa_exact_match_after_normalisation(tmp_path):
