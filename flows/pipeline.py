@@ -460,7 +460,7 @@ def _untrained_bridge(pl: _Pipeline, teachers, stage1: str) -> str:
 
 
 def _evaluate(pl: _Pipeline, teachers, stage1, stage2, ablation, finetuned) -> list[MetricRow]:
-    from flows.evaluate import EvaluateParams, evaluate_flow
+    from flows.evaluate import EvalSummary, EvaluateParams, evaluate_flow
 
     if not pl.runs_now("evaluate"):
         return []
@@ -474,12 +474,15 @@ def _evaluate(pl: _Pipeline, teachers, stage1, stage2, ablation, finetuned) -> l
     retrieval = {"annotations": pl.corpus_file("retrieval_test"), "k": pl.p.retrieval_k}
     common = {"images": pl.corpus, "tokenizer": teachers.wordpiece, "batch_size": 32, "device": "cpu"}
 
-    def run(task: str, checkpoint: str | None = None, **fields) -> dict[str, float]:
+    def evaluation(task: str, checkpoint: str | None = None, **fields) -> EvalSummary:
         base = {} if checkpoint is None else common | {"checkpoint": checkpoint}
         p = pl.params("evaluate", EvaluateParams, task=task, **(base | fields))
         summary = evaluate_flow(p)
         pl.runs[f"evaluate/{task}/{summary.dataset}/{checkpoint or 'predictions'}"] = summary.run_id
-        return summary.metrics
+        return summary
+
+    def run(task: str, checkpoint: str | None = None, **fields) -> dict[str, float]:
+        return evaluation(task, checkpoint, **fields).metrics
 
     rows: list[MetricRow] = []
 
@@ -542,32 +545,68 @@ def _evaluate(pl: _Pipeline, teachers, stage1, stage2, ablation, finetuned) -> l
     zero_shot = {"zero-shot": stage2, "fine-tuned": None}
     if ablation:
         zero_shot["zero-shot, stage 2 without stage 1"] = ablation
+    answers = {}  # run id -> {step: that checkpoint's predictions file}
     for what, run_id in zero_shot.items():
         if run_id is None:
             m = run("vqa", finetuned["vqa"], **vqa)
         else:
-            m = _vqa_over_training(pl, run_id, lambda checkpoint: run("vqa", checkpoint, **vqa), acc)
+            m, answers[run_id] = _vqa_over_training(
+                pl, run_id, lambda checkpoint: evaluation("vqa", checkpoint, **vqa), acc
+            )
         row(f"VQA accuracy, {what}", "vqa", "synth-vqa-val", m, acc, "majority answer", majority[acc])
+    if ablation:
+        gap = _figure5_gap(pl, stage2, answers[stage2], answers[ablation], vqa)
+        if gap is not None:
+            rows.append(gap)
     pl.seconds["evaluate"] = round(time.perf_counter() - start, 1)
     pl.ran.append("evaluate")
     return rows
 
 
-def _vqa_over_training(pl: _Pipeline, run_id: str, evaluate, metric: str) -> dict[str, float]:
-    """Zero-shot VQA of every checkpoint a stage-2 run kept, oldest first; the metrics of the last, the
-    run's result (evaluated last, so that the catalog's evaluation of the run is the final one). Each
-    checkpoint's `metric` also goes to the run's metrics as FIGURE5_METRIC at its step: Figure 5's curve."""
+def _vqa_over_training(pl: _Pipeline, run_id: str, evaluate, metric: str) -> tuple[dict[str, float], dict]:
+    """Zero-shot VQA of every checkpoint a stage-2 run kept, oldest first: the metrics of the last, the
+    run's result (evaluated last, so that the catalog's evaluation of the run is the final one), and each
+    checkpoint's predictions file by step. Each checkpoint's `metric` also goes to the run's metrics as
+    FIGURE5_METRIC at its step: Figure 5's curve."""
     from flows.reports import FIGURE5_METRIC
 
     with catalog_session(pl.layout, read_only=True) as cat:
         checkpoints = [c for c in cat.checkpoints(run_id) if Path(c.path).is_dir()]
     if not checkpoints:
-        return evaluate(run_id)
+        return evaluate(run_id).metrics, {}
+    predictions = {}
     for checkpoint in checkpoints:
-        metrics = evaluate(checkpoint.path)
+        summary = evaluate(checkpoint.path)
+        predictions[checkpoint.step] = summary.predictions
         with catalog_session(pl.layout) as cat:
-            cat.log_metrics(run_id, checkpoint.step, {FIGURE5_METRIC: metrics[metric]})
-    return metrics
+            cat.log_metrics(run_id, checkpoint.step, {FIGURE5_METRIC: summary.metrics[metric]})
+    return summary.metrics, predictions
+
+
+def _figure5_gap(pl: _Pipeline, with_run: str, with_answers: dict, without_answers: dict, vqa: dict):
+    """Figure 5's verdict: at every step both runs were evaluated at, the zero-shot VQA accuracy of the run
+    from stage 1 minus that of the run without, question by question, with its standard error. Both go to
+    the run from stage 1's metrics (FIGURE5_GAP_METRIC, FIGURE5_GAP_SE_METRIC) for the report; the row of
+    the last step is returned, its baseline the noise (two standard errors) the gap must exceed."""
+    from blip2_core.metrics import load_vqa_annotations, load_vqa_results, paired_vqa_difference
+    from flows.reports import FIGURE5_GAP_METRIC, FIGURE5_GAP_SE_METRIC
+
+    steps = sorted(set(with_answers) & set(without_answers))
+    steps = [s for s in steps if with_answers[s] and without_answers[s]]
+    if not steps:
+        return None
+    annotations = load_vqa_annotations(vqa["questions"], vqa["annotations"])
+    with catalog_session(pl.layout) as cat:
+        for step in steps:
+            gap = paired_vqa_difference(
+                load_vqa_results(with_answers[step]), load_vqa_results(without_answers[step]), annotations
+            )
+            cat.log_metrics(
+                with_run, step, {FIGURE5_GAP_METRIC: gap.difference, FIGURE5_GAP_SE_METRIC: gap.se}
+            )
+    return MetricRow(what="Figure 5: zero-shot VQA, stage 1's lead (points)", task="vqa",
+                     dataset="synth-vqa-val", metric=FIGURE5_GAP_METRIC, value=gap.difference,
+                     baseline="noise (2 SE, paired)", baseline_value=2 * gap.se)  # fmt: skip
 
 
 def _metric(metrics: dict[str, float], name: str) -> str:

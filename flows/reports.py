@@ -46,6 +46,10 @@ REPORT_FILE = "index.html"
 SUMMARY_FILE = "summary.json"
 EVALUATE_STAGE = "evaluate"  # flows/evaluate.py's catalog stage: its summary names model_run and paper
 FIGURE5_METRIC = "zero_shot_vqa_accuracy"  # a stage-2 run's zero-shot VQA accuracy at a checkpoint's step
+# On the stage-2 run from stage 1: its zero-shot VQA accuracy minus that of the run without stage 1, at each
+# step both were evaluated at (points, question by question), and the standard error of that difference.
+FIGURE5_GAP_METRIC = "figure5_vqa_gap"
+FIGURE5_GAP_SE_METRIC = "figure5_vqa_gap_se"
 _REPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 Baselines = Mapping[str, Mapping[str, float]]
 
@@ -72,6 +76,8 @@ class ReportData:
     figure5: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # label -> stage-2 loss
     figure5_vqa: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # label -> VQA accuracy
     paper: dict[str, dict[str, float]] = field(default_factory=dict)  # baselines from evaluate runs
+    # (step, zero-shot VQA of the run from stage 1 minus the run without, its standard error), in points
+    figure5_gap: list[tuple[int, float, float]] = field(default_factory=list)
 
 
 def is_loss(name: str) -> bool:
@@ -117,7 +123,7 @@ def gather(
         stats = cat.capfilt_score_stats(h)
         sections.append(CapfiltSection(h, stats[0] if stats else None, cat.capfilt_score_histogram(h, bins)))
     evals = [e for r in runs if r.run_id not in _eval_copies(runs) for e in cat.eval_results(r.run_id)]
-    fig5, fig5_vqa = {}, {}
+    fig5, fig5_vqa, gap = {}, {}, []
     if figure5 is not None:
         for label, run_id in zip(("with representation learning", "without"), figure5, strict=True):
             loss = loss_curves(cat, _require(cat, run_id)).get("loss", [])
@@ -125,7 +131,13 @@ def gather(
             vqa = [(m.step, m.value) for m in cat.metrics(run_id, FIGURE5_METRIC)]
             if vqa:
                 fig5_vqa[f"{label} ({run_id})"] = vqa
-    return ReportData(cat.home, runs, curves, sections, evals, fig5, fig5_vqa, paper_baselines(runs))
+        se = {m.step: m.value for m in cat.metrics(figure5[0], FIGURE5_GAP_SE_METRIC)}
+        gap = [
+            (m.step, m.value, se[m.step]) for m in cat.metrics(figure5[0], FIGURE5_GAP_METRIC) if m.step in se
+        ]
+    return ReportData(
+        cat.home, runs, curves, sections, evals, fig5, fig5_vqa, paper_baselines(runs), figure5_gap=gap
+    )
 
 
 def _eval_copies(runs: list[StageRunRecord]) -> set[str]:
@@ -248,12 +260,44 @@ def _figure5_section(data: ReportData) -> str:
         )
         rows = [[label, step, value] for label, pts in data.figure5_vqa.items() for step, value in pts]
         charts.append(html_table(["stage-2 run", "step", "zero-shot VQA accuracy"], rows))
+    if data.figure5_gap:
+        rows = [
+            [step, f"{gap:+.2f}", f"{2 * se:.2f}", _gap_word(gap, se)] for step, gap, se in data.figure5_gap
+        ]
+        charts.append(html_table(["step", "stage 1's lead (points)", "noise: 2 SE, paired", "reading"], rows))
     note = (
         '<p class="note">Figure 5 of the BLIP-2 paper: without representation learning (stage 1) the '
         "Q-Former bridges the modality gap poorly: the frozen LLM's loss stays higher and its zero-shot "
-        "VQA accuracy far lower, all through stage 2.</p>"
+        f"VQA accuracy far lower, all through stage 2.{figure5_verdict(data.figure5_gap)}</p>"
     )
     return f"<h2>Figure 5: the effect of representation learning</h2>{''.join(charts)}{note}"
+
+
+def _gap_word(gap: float, se: float) -> str:
+    from blip2_core.metrics import PairedDifference
+
+    verdict = PairedDifference(gap, se, n=0).verdict()
+    return {
+        "level": "level (within the noise)",
+        "a ahead": "stage 1 ahead",
+        "b ahead": "stage 2 alone ahead",
+    }[verdict]
+
+
+def figure5_verdict(gap: Sequence[tuple[int, float, float]]) -> str:
+    """One sentence on whether these runs reproduce Figure 5, from the paired gap at the last step."""
+    if not gap:
+        return ""
+    step, lead, se = gap[-1]
+    reading = {
+        "stage 1 ahead": "Here stage 1 leads, as in the paper",
+        "stage 2 alone ahead": "Here the run without stage 1 leads: the paper's effect is reversed",
+        "level (within the noise)": "Here the two runs are level: the paper's effect is not reproduced",
+    }[_gap_word(lead, se)]
+    return (
+        f" {reading} (at step {step}, stage 1's lead is {lead:+.2f} points of zero-shot VQA; two standard"
+        f" errors of that paired difference are {2 * se:.2f})."
+    )
 
 
 def _capfilt_section(data: ReportData) -> str:
@@ -359,6 +403,7 @@ def summary_of(data: ReportData, title: str) -> dict:
         "capfilt": [s.config_hash for s in data.capfilt],
         "figure5": list(data.figure5),
         "figure5_vqa": {label: [list(p) for p in pts] for label, pts in data.figure5_vqa.items()},
+        "figure5_gap": [{"step": step, "lead": lead, "se": se} for step, lead, se in data.figure5_gap],
     }
 
 

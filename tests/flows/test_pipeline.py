@@ -11,7 +11,7 @@ import pytest
 from data_catalog.layout import Layout
 from flows.common import catalog_session
 from flows.pipeline import STAGES, PipelineParams, pipeline_flow
-from flows.reports import FIGURE5_METRIC
+from flows.reports import FIGURE5_GAP_METRIC, FIGURE5_GAP_SE_METRIC, FIGURE5_METRIC
 
 TINY = {
     "n_pretrain": 40,
@@ -65,7 +65,7 @@ def test_every_stage_runs_and_is_recorded(first_run):
 def test_metrics_come_with_their_baselines(first_run):
     home, summary = first_run
     rows = {m.what: m for m in summary.metrics}
-    assert len(rows) == 11
+    assert len(rows) == 12  # 11 results and Figure 5's gap
     for m in rows.values():
         assert math.isfinite(m.value) and m.baseline_value is not None and math.isfinite(m.baseline_value)
     assert rows["retrieval text->image R@1, zero-shot"].baseline_value == pytest.approx(100 / 20)  # chance
@@ -110,6 +110,29 @@ def test_figure5_measures_zero_shot_vqa_of_both_stage2_runs_at_every_checkpoint(
             assert rows[f"VQA accuracy, {what}"].value == pytest.approx(curve[-1][1])
             assert rows[f"VQA accuracy, {what}"].baseline == "majority answer"
     assert "Zero-shot VQA accuracy over stage-2 training" in summary.report.read_text()
+
+
+def test_figure5_gap_is_the_paired_difference_of_the_two_curves_with_its_noise(first_run):
+    home, summary = first_run
+    with_stage1, without = summary.runs["stage2"], summary.runs["stage2 without stage1"]
+    with catalog_session(Layout(home), read_only=True) as cat:
+        curve = {
+            run: dict((m.step, m.value) for m in cat.metrics(run, FIGURE5_METRIC))
+            for run in (with_stage1, without)
+        }
+        gap = [(m.step, m.value) for m in cat.metrics(with_stage1, FIGURE5_GAP_METRIC)]
+        se = [(m.step, m.value) for m in cat.metrics(with_stage1, FIGURE5_GAP_SE_METRIC)]
+        assert not cat.metrics(without, FIGURE5_GAP_METRIC)  # the lead belongs to the run from stage 1
+    # At every step: the per-question mean difference is the difference of the two accuracies.
+    assert [step for step, _ in gap] == [step for step, _ in se] == [1, 2, 3]
+    for step, value in gap:
+        assert value == pytest.approx(curve[with_stage1][step] - curve[without][step], abs=1e-6)
+    assert all(v >= 0 for _, v in se)
+    [row] = [m for m in summary.metrics if m.metric == FIGURE5_GAP_METRIC]
+    assert row.value == pytest.approx(gap[-1][1]) and row.baseline_value == pytest.approx(2 * se[-1][1])
+    page = summary.report.read_text()
+    assert "stage 1&#x27;s lead (points)" in page or "stage 1's lead (points)" in page
+    assert f"at step 3, stage 1's lead is {gap[-1][1]:+.2f} points" in page.replace("&#x27;", "'")
 
 
 def test_rerunning_one_stage_takes_the_others_from_the_catalog(first_run):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import math
@@ -16,6 +17,8 @@ import pytest
 
 from data_catalog import CAPFILT_STAGE, Catalog
 from flows.reports import (
+    FIGURE5_GAP_METRIC,
+    FIGURE5_GAP_SE_METRIC,
     FIGURE5_METRIC,
     ReportParams,
     load_baselines,
@@ -193,6 +196,39 @@ def test_figure5_draws_zero_shot_vqa_of_both_runs_over_training(tmp_path):
     assert {p.get("data-series") for p in own.iter(f"{SVG}polyline")} == {"loss"}
     summary = json.loads((path.parent / "summary.json").read_text())
     assert summary["figure5_vqa"] == {label[r]: [list(p) for p in pts] for r, pts in accuracy.items()}
+
+
+@pytest.mark.parametrize(
+    ("last", "reading"),
+    [
+        ((100, 6.0, 1.5), "Here stage 1 leads, as in the paper"),
+        ((100, 2.0, 1.5), "Here the two runs are level: the paper's effect is not reproduced"),
+        ((100, -4.0, 1.5), "Here the run without stage 1 leads: the paper's effect is reversed"),
+    ],
+)
+def test_figure5_verdict_reads_the_paired_gap_at_the_last_step(tmp_path, last, reading):
+    home = tmp_path / "var"
+    ids = build_report_home(home)
+    gaps = [(50, 9.0, 1.0), last]  # the earlier step, far ahead, does not decide
+    with Catalog.open(home / "catalog.duckdb") as cat:
+        for step, gap, se in gaps:
+            cat.log_metrics(ids["stage2"], step, {FIGURE5_GAP_METRIC: gap, FIGURE5_GAP_SE_METRIC: se})
+    path = write_report(home, run_ids=[], report_id="fig5", figure5=(ids["stage2"], ids["stage2_cold"]))
+    page = html.unescape(path.read_text())
+    step, gap, se = last
+    assert f"{reading} (at step {step}, stage 1's lead is {gap:+.2f} points" in page
+    assert f"two standard errors of that paired difference are {2 * se:.2f}" in page
+    summary = json.loads((path.parent / "summary.json").read_text())
+    assert summary["figure5_gap"] == [{"step": s, "lead": g, "se": e} for s, g, e in gaps]
+
+
+def test_figure5_without_a_measured_gap_claims_no_verdict(report_home):
+    home, ids = report_home
+    page = write_report(
+        home, run_ids=[], report_id="fig5", figure5=(ids["stage2"], ids["stage2_cold"])
+    ).read_text()
+    assert "Figure 5: the effect of representation learning" in page
+    assert "Here " not in page and "stage 1's lead" not in html.unescape(page)
 
 
 def test_capfilt_histogram_counts_every_scored_sample(report_home):
