@@ -46,6 +46,9 @@ PRETRAIN_SOURCE = "synth-pretrain"
 # The paper's Figure 5 in miniature: both stage-2 runs (with and without stage 1) keep a checkpoint at every
 # quarter of their steps, and each is evaluated zero-shot on VQA (the stage-2 run's metric FIGURE5_METRIC).
 FIGURE5_POINTS = 4
+# The stage-2 run whose bridge never learns (evaluate's baseline): one step at this lr. Stage 2 is never
+# resolved from the catalog to a run with it.
+UNTRAINED_BRIDGE_LR = 1e-12
 
 
 class PipelineParams(BaseModel):
@@ -153,8 +156,11 @@ class PipelineSummary(BaseModel):
 # --- resolving a stage that is not run from the catalog ---------------------------------------------
 
 
-def latest_run(home: Path | None, stage: str, where: dict[str, Any] | None = None) -> Any:
-    """The newest finished run of `stage` whose params contain `where`; a clear error when there is none."""
+def latest_run(
+    home: Path | None, stage: str, where: dict[str, Any] | None = None, unless: dict[str, Any] | None = None
+) -> Any:
+    """The newest finished run of `stage` whose params contain `where` (and not all of `unless`, when
+    given); a clear error when there is none."""
     layout = layout_for(home)
     if not layout.catalog.is_file():
         raise LookupError(
@@ -164,6 +170,8 @@ def latest_run(home: Path | None, stage: str, where: dict[str, Any] | None = Non
     with catalog_session(layout, read_only=True) as cat:
         runs = [r for r in cat.runs(stage) if r.status == "done"]
     runs = [r for r in runs if all(r.params.get(k) == v for k, v in (where or {}).items())]
+    if unless:
+        runs = [r for r in runs if not all(r.params.get(k) == v for k, v in unless.items())]
     if not runs:
         hint = f" with {where}" if where else ""
         raise LookupError(
@@ -216,12 +224,12 @@ class _Pipeline:
         self.logger.info("pipeline: %s done in %.0f s", stage, self.seconds[stage])
         return out
 
-    def resolved(self, stage: str, catalog_stage: str, where: dict | None = None):
+    def resolved(self, stage: str, catalog_stage: str, where: dict | None = None, unless: dict | None = None):
         run_id = self.p.use.get(stage)
         run = (
             named_run(self.home, run_id, catalog_stage)
             if run_id
-            else latest_run(self.home, catalog_stage, where)
+            else latest_run(self.home, catalog_stage, where, unless)
         )
         self.logger.info("pipeline: %s taken from the catalog: run %s", stage, run.run_id)
         return run
@@ -380,7 +388,9 @@ def _stage2(pl: _Pipeline, teachers, capfilt_hash: str, stage1: str) -> tuple[st
     if pl.runs_now("stage2"):
         with_stage1 = pl.timed("stage2", stage2_flow, params("stage2", stage1)).run_id
     else:
-        with_stage1 = pl.resolved("stage2", "stage2", {"stage1_run": stage1}).run_id
+        # The untrained bridge (evaluate's baseline) is a newer stage-2 run from the same stage-1 run.
+        unless = {"lr": UNTRAINED_BRIDGE_LR}
+        with_stage1 = pl.resolved("stage2", "stage2", {"stage1_run": stage1}, unless).run_id
     ablation = None
     if pl.runs_now("figure5"):
         ablation = pl.timed("figure5", stage2_flow, params("figure5", None)).run_id
@@ -454,7 +464,7 @@ def _untrained_bridge(pl: _Pipeline, teachers, stage1: str) -> str:
     (one step at a learning rate of 1e-12: the checkpoint holds the initial weights)."""
     from flows.train import Stage2Params, stage2_flow
 
-    fields = _train_fields(pl, teachers, 1) | {"lr": 1e-12, "warmup_steps": 0, "resume": False}
+    fields = _train_fields(pl, teachers, 1) | {"lr": UNTRAINED_BRIDGE_LR, "warmup_steps": 0, "resume": False}
     p = Stage2Params(sources=(PRETRAIN_SOURCE,), stage1_run=stage1, home=pl.home, **fields)
     return stage2_flow(p).run_id
 
