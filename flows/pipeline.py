@@ -573,7 +573,9 @@ def _evaluate(pl: _Pipeline, teachers, stage1, stage2, ablation, finetuned) -> l
     return rows
 
 
-def _vqa_over_training(pl: _Pipeline, run_id: str, evaluate, metric: str) -> tuple[dict[str, float], dict]:
+def _vqa_over_training(
+    pl: _Pipeline, run_id: str, evaluate, metric: str
+) -> tuple[dict[str, float], dict[int, str | None]]:
     """Zero-shot VQA of every checkpoint a stage-2 run kept, oldest first: the metrics of the last, the
     run's result (evaluated last, so that the catalog's evaluation of the run is the final one), and each
     checkpoint's predictions file by step. Each checkpoint's `metric` also goes to the run's metrics as
@@ -606,17 +608,21 @@ def _figure5_gap(pl: _Pipeline, with_run: str, with_answers: dict, without_answe
     if not steps:
         return None
     annotations = load_vqa_annotations(vqa["questions"], vqa["annotations"])
+    gaps = {
+        step: paired_vqa_difference(
+            load_vqa_results(with_answers[step]), load_vqa_results(without_answers[step]), annotations
+        )
+        for step in steps
+    }
     with catalog_session(pl.layout) as cat:
-        for step in steps:
-            gap = paired_vqa_difference(
-                load_vqa_results(with_answers[step]), load_vqa_results(without_answers[step]), annotations
-            )
+        for step, gap in gaps.items():
             cat.log_metrics(
                 with_run, step, {FIGURE5_GAP_METRIC: gap.difference, FIGURE5_GAP_SE_METRIC: gap.se}
             )
+    last = gaps[steps[-1]]
     return MetricRow(what="Figure 5: zero-shot VQA, stage 1's lead (points)", task="vqa",
-                     dataset="synth-vqa-val", metric=FIGURE5_GAP_METRIC, value=gap.difference,
-                     baseline="noise (2 SE, paired)", baseline_value=2 * gap.se)  # fmt: skip
+                     dataset="synth-vqa-val", metric=FIGURE5_GAP_METRIC, value=last.difference,
+                     baseline="noise (2 SE, paired)", baseline_value=2 * last.se)  # fmt: skip
 
 
 def _metric(metrics: dict[str, float], name: str) -> str:

@@ -34,9 +34,9 @@ from blip2_core.metrics.vqa import (
 )
 
 __all__ = [
-    "PairedDifference",
     "CaptionScores",
     "NoCapsScores",
+    "PairedDifference",
     "RetrievalGroundTruth",
     "RetrievalScores",
     "VQAAnnotation",
