@@ -394,7 +394,7 @@ def _stage2(pl: _Pipeline, teachers, capfilt_hash: str, stage1: str) -> tuple[st
     ablation = None
     if pl.runs_now("figure5"):
         ablation = pl.timed("figure5", stage2_flow, params("figure5", None)).run_id
-    elif "figure5" in pl.p.use or pl.runs_now("report"):
+    elif "figure5" in pl.p.use or pl.runs_now("evaluate") or pl.runs_now("report"):
         try:
             ablation = pl.resolved("figure5", "stage2", {"stage1_run": None}).run_id
         except LookupError as err:

@@ -143,10 +143,13 @@ def test_rerunning_one_stage_takes_the_others_from_the_catalog(first_run):
         assert again.runs[stage] == first.runs[stage]  # resolved, not re-run
     assert again.runs["stage2"] == first.runs["stage2"]  # finished with these parameters: the result
     # The untrained bridge evaluate made after it is a newer stage-2 run from the same stage-1 run: never
-    # the stage 2 a later stage is given.
-    report = pipeline_flow(PipelineParams(home=home, stages=("report",), **TINY))
-    assert first.runs["stage2 untrained bridge"] not in (report.runs["stage2"], again.runs["stage2"])
-    assert report.runs["stage2"] == first.runs["stage2"]
+    # the stage 2 a later stage is given. Evaluate alone also finds the run without stage 1 (Figure 5).
+    evaluated = pipeline_flow(PipelineParams(home=home, stages=("evaluate",), **TINY))
+    assert first.runs["stage2 untrained bridge"] not in (evaluated.runs["stage2"], again.runs["stage2"])
+    assert evaluated.runs["stage2"] == first.runs["stage2"]
+    assert evaluated.runs["stage2 without stage1"] == first.runs["stage2 without stage1"]
+    rows = {m.what: m.value for m in evaluated.metrics}
+    assert rows == pytest.approx({m.what: m.value for m in first.metrics})  # the same runs, the same results
     overrides = {**TINY["overrides"], "stage2": {"resume": False}}
     fresh = pipeline_flow(PipelineParams(home=home, stages=("stage2",), **{**TINY, "overrides": overrides}))
     assert fresh.ran == ["stage2"] and fresh.runs["stage2"] != first.runs["stage2"]
